@@ -1,0 +1,37 @@
+"""retrospec: training-free, lossless speculative decoding for HuggingFace transformers.
+
+Cheap sources (the request's own context, corpus indexes, the model's recycled
+predictions, retrieved documents, a small drafter) guess the next tokens as a tree; the
+model verifies the whole tree in one forward pass and keeps the longest branch it agrees
+with, so greedy output is token for token that of plain ``generate()``.
+"""
+
+from retrospec.compat import check_transformers
+
+check_transformers()
+
+from retrospec.hooks import SpecOutput, custom_generate, generate  # noqa: E402
+from retrospec.sources import ContextConfig, ContextSource, Source, Verified  # noqa: E402
+from retrospec.speculator import Speculator, SpeculatorConfig  # noqa: E402
+from retrospec.stats import SpecStats  # noqa: E402
+from retrospec.tree import DraftTree, TreeBuffers, fuse, prune, to_buffers  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContextConfig",
+    "ContextSource",
+    "DraftTree",
+    "Source",
+    "SpecOutput",
+    "SpecStats",
+    "Speculator",
+    "SpeculatorConfig",
+    "TreeBuffers",
+    "Verified",
+    "custom_generate",
+    "fuse",
+    "generate",
+    "prune",
+    "to_buffers",
+]

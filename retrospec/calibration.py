@@ -1,0 +1,83 @@
+"""Online calibration of each source's scores against what verification accepts.
+
+Sources score their nodes on their own scales (count ratios, rank priors, draft-model
+probabilities). Fusion and pruning compare nodes across sources, so each score must mean
+the same thing: the probability that the node is accepted. Verification tells us exactly
+that, for every node whose parent was accepted (a *tested* node).
+
+For each source the calibrator keeps, by (depth bucket, raw conditional score bucket), how
+many tested nodes there were and how many were accepted. A node's calibrated conditional
+score is the bucket's acceptance rate, smoothed towards the raw score by a prior of
+``prior_weight`` pseudo-observations — so with no history the raw score is used as is.
+
+>>> cal = Calibrator(n_sources=1, prior_weight=1.0)
+>>> cal.learn(0, raw=np.array([0.9, 0.9]), depth=np.array([1, 1]), accepted=np.array([False, False]))
+>>> round(float(cal.conditional(0, np.array([0.9]), np.array([1]))[0]), 3)   # (0 + 1 * 0.9) / (2 + 1)
+0.3
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from retrospec.tree import ROOT, DraftTree
+
+
+class Calibrator:
+    """Per-source acceptance tables (see the module docstring)."""
+
+    def __init__(self, n_sources: int, *, score_bins: int = 10, max_depth_bin: int = 4, prior_weight: float = 6.0):
+        if score_bins < 1 or max_depth_bin < 1 or prior_weight <= 0:
+            raise ValueError(
+                f"need score_bins >= 1, max_depth_bin >= 1, prior_weight > 0; got {score_bins}, {max_depth_bin}, {prior_weight}"
+            )
+        self.score_bins = score_bins
+        self.max_depth_bin = max_depth_bin
+        self.prior_weight = prior_weight
+        shape = (n_sources, max_depth_bin, score_bins)
+        self.tested = np.zeros(shape, np.float64)
+        self.accepted = np.zeros(shape, np.float64)
+        self._lock = threading.Lock()
+
+    def _buckets(self, raw: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = np.clip(depth, 1, self.max_depth_bin) - 1
+        b = np.clip((raw * self.score_bins).astype(np.int64), 0, self.score_bins - 1)
+        return d, b
+
+    def conditional(self, source: int, raw: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        """Calibrated P(node accepted | parent accepted) for raw conditional scores ``raw``."""
+        d, b = self._buckets(raw, depth)
+        tested = self.tested[source, d, b]
+        accepted = self.accepted[source, d, b]
+        return ((accepted + self.prior_weight * raw) / (tested + self.prior_weight)).astype(np.float32)
+
+    def learn(self, source: int, raw: np.ndarray, depth: np.ndarray, accepted: np.ndarray) -> None:
+        """Record tested nodes of ``source``: raw conditional scores, depths, outcomes."""
+        if raw.shape[0] == 0:
+            return
+        d, b = self._buckets(raw, depth)
+        with self._lock:
+            np.add.at(self.tested[source], (d, b), 1.0)
+            np.add.at(self.accepted[source], (d, b), accepted.astype(np.float64))
+
+    def acceptance_rates(self, source: int) -> np.ndarray:
+        """``[depth bucket, score bucket]`` measured acceptance rates (NaN where untested), for reports."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.accepted[source] / self.tested[source]
+
+
+def conditional_scores(tree: DraftTree) -> np.ndarray:
+    """``s_i / s_parent(i)``: each node's score given that its parent is accepted."""
+    parent_scores = np.where(tree.parents == ROOT, 1.0, tree.scores[np.maximum(tree.parents, 0)])
+    return np.clip(tree.scores / np.maximum(parent_scores, 1e-12), 0.0, 1.0).astype(np.float32)
+
+
+def path_scores(parents: np.ndarray, conditional: np.ndarray) -> np.ndarray:
+    """Products of conditional scores along each path (parents come first)."""
+    scores = conditional.astype(np.float32).copy()
+    for i, parent in enumerate(parents.tolist()):
+        if parent != ROOT:
+            scores[i] *= scores[parent]
+    return scores

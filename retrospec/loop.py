@@ -1,0 +1,184 @@
+"""The decoding loop of one sequence: draft → fuse → prune → verify → commit → update.
+
+This is the only module that calls the model. One request, unpadded, batch size 1; the
+hooks in :mod:`retrospec.hooks` run it once per row of a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from retrospec.compat import accepts, cache_kwarg
+from retrospec.kvcache import keep_path, new_cache
+from retrospec.sources.base import Verified
+from retrospec.speculator import Speculator
+from retrospec.stats import SpecStats
+from retrospec.tree import to_buffers
+from retrospec.verify import accept_greedy, accept_walk, forward_tree, pick_token
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeSettings:
+    """What the loop needs from the generation config, resolved once per ``generate`` call."""
+
+    logits_processor: object | None
+    """A ``LogitsProcessorList`` (``None`` when empty: plain argmax)."""
+    stopping_criteria: object
+    """A ``StoppingCriteriaList``, checked after every committed token."""
+    do_sample: bool
+    max_length: int | None
+    """Total length (prompt incl. padding + new tokens) at which generation stops."""
+    windows: dict[str, int | None]
+    """Attention layer types and their sliding windows."""
+    max_positions: int | None
+    """Largest position + 1 the model's embeddings cover."""
+    streamer: object | None = None
+
+
+class _Clock:
+    """Accumulates wall time per phase into ``stats.seconds``."""
+
+    def __init__(self, stats: SpecStats, device: torch.device):
+        self.stats, self.sync = stats, device.type == "cuda"
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.stats.add_time(phase, now - self.last)
+        self.last = now
+
+
+@torch.no_grad()
+def decode_row(
+    model,
+    ids: torch.Tensor,
+    shown: torch.Tensor,
+    speculator: Speculator,
+    settings: DecodeSettings,
+) -> tuple[list[int], SpecStats]:
+    """Generate the continuation of one sequence.
+
+    Args:
+        ids: ``[1, L]`` the prompt tokens the model reads (no padding).
+        shown: ``[1, P]`` the row as plain ``generate()`` shows it to logits processors and
+            stopping criteria (left padding included); ends with ``ids``.
+
+    Returns the new tokens and the statistics of this row.
+    """
+    stats = SpecStats(prefills=1)
+    device = ids.device
+    clock = _Clock(stats, device)
+    prompt_len = ids.shape[1]
+    if settings.max_positions is not None and prompt_len >= settings.max_positions:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens but the model's positions end at {settings.max_positions}; shorten it"
+        )
+    capacity = settings.max_length if settings.max_length is not None else shown.shape[1] + 4096
+    seq = torch.empty(1, max(capacity, shown.shape[1] + 1), dtype=torch.long, device=device)
+    seq[:, : shown.shape[1]] = shown
+    cur = shown.shape[1]  # length of `seq` in use
+    context = np.empty(prompt_len + seq.shape[1], np.int64)  # the tokens the sources see
+    context[:prompt_len] = ids[0].cpu().numpy()
+    ctx_len = prompt_len
+    new_tokens: list[int] = []
+    ckw = cache_kwarg(model)
+    cache = new_cache()
+    greedy = settings.logits_processor is None and not settings.do_sample
+
+    def commit(tokens: list[int]) -> tuple[int, bool]:
+        """Append tokens one by one, checking the stopping criteria after each."""
+        nonlocal cur, seq, ctx_len, context
+        done = 0
+        for token in tokens:
+            if cur >= seq.shape[1]:  # only without a max_length: grow
+                seq = torch.cat([seq, torch.empty_like(seq)], dim=1)
+                context = np.concatenate([context, np.empty_like(context)])
+            seq[0, cur] = token
+            cur += 1
+            context[ctx_len] = token
+            ctx_len += 1
+            new_tokens.append(token)
+            done += 1
+            if bool(settings.stopping_criteria(seq[:, :cur], None).any()):
+                return done, True
+        return done, False
+
+    def stream(tokens: list[int]) -> None:
+        if settings.streamer is not None and tokens:
+            settings.streamer.put(torch.tensor(tokens, dtype=torch.long))
+
+    # 1) prefill: the prompt, then the first new token from its last logits
+    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    out = model(
+        input_ids=ids,
+        position_ids=torch.arange(prompt_len, device=device)[None],
+        use_cache=True,
+        **{ckw: cache},
+        **extra,
+    )
+    first = pick_token(out.logits[0, -1:], seq[:, :cur], settings.logits_processor, settings.do_sample)
+    del out
+    done, stopped = commit([first])
+    stream(new_tokens[-done:])
+    stats.new_tokens += done
+    past_len = prompt_len  # tokens in the cache; the root (last committed token) is not
+    clock.lap("prefill")
+
+    session = speculator.start_request(context[:prompt_len], model)
+    topk = speculator.topk_wanted
+    while not stopped:
+        # 2) draft, within the remaining length and the model's positions
+        room = (settings.max_length - cur) if settings.max_length is not None else 1 << 30
+        if settings.max_positions is not None:
+            room = min(room, settings.max_positions - past_len)
+        tree = session.draft(context[:ctx_len], max_depth=max(room - 1, 0))
+        clock.lap("draft")
+        buffers = to_buffers(
+            tree, new_tokens[-1], past_len, dtype=model.dtype, device=device, windows=settings.windows
+        )
+        clock.lap("buffers")
+        # 3) verify: one forward over root + tree
+        logits = forward_tree(model, cache, buffers)
+        clock.lap("forward")
+        if greedy:
+            acc = accept_greedy(buffers, logits)
+        else:
+            acc = accept_walk(buffers, logits, seq[:, :cur], settings.logits_processor, settings.do_sample)
+        clock.lap("accept")
+        # 4) commit token by token (a stop may cut the block), stream, compact the cache
+        done, stopped = commit(acc.tokens)
+        stream(new_tokens[-done:])
+        stats.steps += 1
+        stats.new_tokens += done
+        stats.drafted_nodes += len(tree)
+        stats.record_step(done)
+        drafts_kept = min(done, acc.slots.shape[0] - 1)  # a stop may cut before the bonus
+        by_source, several = session.attribution(acc.slots[: 1 + drafts_kept])
+        stats.accepted_drafts += drafts_kept
+        stats.accepted_by_several += several
+        for name, count in by_source.items():
+            stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + count
+        if not stopped:
+            keep_path(cache, past_len, acc.slots)
+            past_len += acc.slots.shape[0]
+        clock.lap("commit")
+        # 5) update: the sources learn from what verification showed
+        session.observe(
+            Verified(
+                slot_tokens=buffers.input_ids[0].cpu().numpy(),
+                parent_slots=buffers.parent_slots,
+                accepted_slots=acc.slots,
+                committed=np.asarray(new_tokens[-done:], np.int64),
+                topk=logits.topk(topk, dim=-1).indices.cpu().numpy() if topk else None,
+            )
+        )
+        clock.lap("update")
+    return new_tokens, stats
+

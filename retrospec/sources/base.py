@@ -1,0 +1,68 @@
+"""What every draft source implements.
+
+A source answers one question — "given this context, which continuations are likely, and
+how likely?" — with a :class:`~retrospec.tree.DraftTree`. It knows nothing of the model,
+the KV cache or the other sources. State shared across requests (a corpus index, the Token
+Recycling matrix) lives on the source; state of one request lives on the session that
+``start_request`` returns, so one source can serve several requests at once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+
+from retrospec.tree import DraftTree
+
+
+class Verified(NamedTuple):
+    """What one verification step showed, handed to every session after the step.
+
+    Attributes:
+        slot_tokens: ``int64 [N+1]`` the verified tokens: the root, then the tree nodes.
+        parent_slots: ``int64 [N+1]`` each slot's parent slot (``-1`` for the root).
+        accepted_slots: ``int64 [A]`` slots of the accepted path, starting with the root (0).
+        committed: ``int64 [C]`` tokens appended to the context this step (accepted + bonus,
+            cut at a stop).
+        topk: ``int64 [N+1, k]`` the model's top-k next tokens after each slot, best first,
+            or ``None`` when no source asked for them.
+    """
+
+    slot_tokens: np.ndarray
+    parent_slots: np.ndarray
+    accepted_slots: np.ndarray
+    committed: np.ndarray
+    topk: np.ndarray | None
+
+
+@runtime_checkable
+class Session(Protocol):
+    """One request's view of a source."""
+
+    def propose(self, context: np.ndarray, max_nodes: int, max_depth: int) -> DraftTree:
+        """A draft tree for the tokens after ``context`` (prompt + generated so far, ``int64 [L]``).
+
+        At most ``max_nodes`` nodes, none deeper than ``max_depth``; scores are the source's
+        own estimates of each path's acceptance probability. No draft: an empty tree.
+        """
+        ...
+
+    def observe(self, step: Verified) -> None:
+        """Learn from a verification step (most sources need nothing here)."""
+        ...
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A draft source: shared state plus a factory for per-request sessions."""
+
+    name: str
+    """Short name used in statistics and on the command line."""
+
+    topk_wanted: int
+    """How many of the model's top next tokens per verified slot it wants in ``Verified.topk``."""
+
+    def start_request(self, prompt: np.ndarray) -> Session:
+        """A session for one request whose prompt is ``prompt`` (``int64 [L]``)."""
+        ...

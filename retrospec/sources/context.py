@@ -1,0 +1,130 @@
+"""The context source: continuations of the current suffix inside the request itself.
+
+Prompt lookup (PLD) takes the *first* earlier occurrence of the last 1–3 tokens and
+proposes the 10 tokens after it as a chain. This source keeps an incremental index of
+every n-gram (n = 1..``max_ngram``) of prompt + output, finds the longest suffix that
+occurred before, and merges the continuations of *all* its recent occurrences (topped up
+with shorter-suffix matches) into a trie weighted by match length and count — so where the
+context repeats with variations, the tree carries every variant.
+
+The index grows with each committed token (``_extend``); it is never rebuilt.
+
+>>> src = ContextSource(ContextConfig(max_depth=3))
+>>> session = src.start_request(np.array([1, 2, 3, 9, 1, 2, 4, 1, 2]))
+>>> tree = session.propose(np.array([1, 2, 3, 9, 1, 2, 4, 1, 2]), max_nodes=8, max_depth=3)
+>>> tree.paths()   # "1 2" was followed by "4 1 2" (most recent) and by "3 9 1"
+[[4, 1, 2], [3, 9, 1]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrospec.sources.base import Verified
+from retrospec.sources.trie import continuation_trie
+from retrospec.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """Settings of :class:`ContextSource`."""
+
+    max_ngram: int = 8
+    """Longest suffix looked up; longer matches are counted as this long."""
+    min_ngram: int = 1
+    """Shortest suffix that may anchor a draft."""
+    max_matches: int = 32
+    """Most recent occurrences whose continuations are merged."""
+    max_depth: int = 16
+    """Longest continuation taken from one occurrence."""
+    match_weight: float = 2.0
+    """An occurrence matching ``n`` suffix tokens weighs ``match_weight ** n``."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
+        if self.max_matches < 1 or self.max_depth < 1:
+            raise ValueError(f"max_matches and max_depth must be >= 1, got {self.max_matches}, {self.max_depth}")
+        if self.match_weight < 1.0:
+            raise ValueError(f"match_weight must be >= 1, got {self.match_weight}")
+
+
+class ContextSource:
+    """Drafts from the request's own prompt and output (see the module docstring)."""
+
+    name = "context"
+    topk_wanted = 0
+
+    def __init__(self, config: ContextConfig | None = None) -> None:
+        self.config = config or ContextConfig()
+
+    def start_request(self, prompt: np.ndarray) -> "ContextSession":
+        return ContextSession(self.config, prompt)
+
+
+class ContextSession:
+    """The incremental n-gram index of one request."""
+
+    def __init__(self, config: ContextConfig, prompt: np.ndarray) -> None:
+        self.config = config
+        self.seq: list[int] = []
+        # n-gram (as a tuple) -> end positions of its occurrences, ascending
+        self.ends: dict[tuple[int, ...], list[int]] = {}
+        self._extend(np.asarray(prompt).tolist())
+
+    def _extend(self, tokens: list[int]) -> None:
+        seq, ends, max_n = self.seq, self.ends, self.config.max_ngram
+        for token in tokens:
+            seq.append(token)
+            t = len(seq) - 1
+            for n in range(1, min(max_n, t + 1) + 1):
+                key = tuple(seq[t - n + 1 : t + 1])
+                bucket = ends.get(key)
+                if bucket is None:
+                    ends[key] = [t]
+                else:
+                    bucket.append(t)
+
+    def _sync(self, context: np.ndarray) -> None:
+        if len(context) < len(self.seq):
+            raise ValueError(f"context shrank from {len(self.seq)} to {len(context)} tokens")
+        if len(context) > len(self.seq):
+            self._extend(np.asarray(context[len(self.seq) :]).tolist())
+
+    def matches(self) -> list[tuple[int, int]]:
+        """``(end position, match length)`` of the most recent earlier occurrences of the suffix.
+
+        Longest suffix first; shorter suffixes top the list up to ``max_matches``.
+        """
+        cfg, seq = self.config, self.seq
+        last = len(seq) - 1
+        found: dict[int, int] = {}
+        for n in range(min(cfg.max_ngram, last), cfg.min_ngram - 1, -1):
+            bucket = self.ends.get(tuple(seq[last - n + 1 :]))
+            if not bucket:
+                continue
+            for end in reversed(bucket):
+                if end != last and end not in found:
+                    found[end] = n
+                    if len(found) >= cfg.max_matches:
+                        return list(found.items())
+        return list(found.items())
+
+    def propose(self, context: np.ndarray, max_nodes: int, max_depth: int) -> DraftTree:
+        self._sync(context)
+        matches = self.matches()
+        if not matches or max_nodes <= 0 or max_depth <= 0:
+            return DraftTree.empty()
+        cfg, seq = self.config, self.seq
+        depth = min(max_depth, cfg.max_depth)
+        continuations = [seq[end + 1 : end + 1 + depth] for end, _ in matches]
+        weights = [cfg.match_weight**n for _, n in matches]
+        longest = matches[0][1]
+        # a 1-token match predicts far worse than an 8-token one
+        root_conf = longest / (longest + 1.0)
+        return continuation_trie(continuations, weights, root_conf=root_conf, decay=0.9, max_nodes=max_nodes)
+
+    def observe(self, step: Verified) -> None:
+        """Nothing to learn: committed tokens reach the index through the next ``propose``."""

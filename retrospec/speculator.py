@@ -1,0 +1,178 @@
+"""The speculator: asks every source for a tree, calibrates, fuses and prunes.
+
+One step of drafting, as ``SpecSession.draft`` does it::
+
+    source trees ──► calibrate (per source) ──► fuse (longest prefix) ──► budget ──► prune
+
+After verification, ``SpecSession.observe`` hands the outcome to every source session and
+teaches the calibrator which of each source's tested nodes were accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from retrospec.budget import StepCost, choose_budget, step_cost_for
+from retrospec.calibration import Calibrator, conditional_scores, path_scores
+from retrospec.sources.base import Source, Verified
+from retrospec.tree import DraftTree, cap_depth, fuse_with_index, prune_with_index
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+MAX_SOURCES = 32  # sources are bits of a uint32 mask
+
+
+@dataclass(frozen=True)
+class SpeculatorConfig:
+    """Settings of :class:`Speculator` beyond its sources and budget."""
+
+    max_depth: int = 16
+    """Deepest draft node."""
+    source_nodes: int = 96
+    """Most nodes one source may propose per step (before fusion)."""
+    max_budget: int = 128
+    """Largest tree ``budget="auto"`` may choose."""
+    combine: str = "noisy_or"
+    """How fusion combines the scores of a node proposed by several sources (``noisy_or`` or ``max``)."""
+    calibrate: bool = True
+    """Learn each source's acceptance rates online and rescale its scores with them."""
+
+    def __post_init__(self) -> None:
+        if self.max_depth < 1 or self.source_nodes < 1 or self.max_budget < 1:
+            raise ValueError(
+                f"max_depth, source_nodes and max_budget must be >= 1; got {self.max_depth}, {self.source_nodes}, {self.max_budget}"
+            )
+        if self.combine not in ("noisy_or", "max"):
+            raise ValueError(f"combine must be 'noisy_or' or 'max', got {self.combine!r}")
+
+
+class Speculator:
+    """Holds the draft sources and turns their guesses into one verified-size tree per step.
+
+    Args:
+        sources: the draft sources; default one :class:`~retrospec.ContextSource`.
+        budget: nodes verified per step: an ``int``, or ``"auto"`` to pick, every step, the
+            size that maximises expected tokens per second under this model's measured
+            step cost (see :mod:`retrospec.budget`).
+        config: the remaining knobs.
+
+    >>> from retrospec import ContextSource
+    >>> spec = Speculator([ContextSource()], budget=8)
+    >>> session = spec.start_request(np.array([1, 2, 3, 1, 2]))
+    >>> session.draft(np.array([1, 2, 3, 1, 2]), max_depth=4).tokens.tolist()
+    [3, 1, 2]
+    """
+
+    def __init__(self, sources: Sequence[Source] | None = None, budget: int | str = AUTO, config: SpeculatorConfig | None = None):
+        if sources is None:
+            from retrospec.sources.context import ContextSource
+
+            sources = [ContextSource()]
+        sources = list(sources)
+        if not 1 <= len(sources) <= MAX_SOURCES:
+            raise ValueError(f"a Speculator needs 1 to {MAX_SOURCES} sources, got {len(sources)}")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        if budget != AUTO and not (isinstance(budget, int) and budget >= 0):
+            raise ValueError(f"budget must be a non-negative int or 'auto', got {budget!r}")
+        self.sources = sources
+        self.budget = budget
+        self.config = config or SpeculatorConfig()
+        self.calibrator = Calibrator(len(sources))
+        self._costs: dict[int, StepCost] = {}
+        self.last_stats = None  # SpecStats of the latest generate() call, set by the loop
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    @property
+    def topk_wanted(self) -> int:
+        return max((s.topk_wanted for s in self.sources), default=0)
+
+    def step_cost(self, model) -> StepCost:
+        """The step-cost profile used by ``budget="auto"`` (measured once per model)."""
+        key = id(model)
+        if key not in self._costs:
+            self._costs[key] = step_cost_for(model)
+        return self._costs[key]
+
+    def start_request(self, prompt: np.ndarray, model=None) -> "SpecSession":
+        """Open a session for one request (``prompt``: ``int64 [L]``)."""
+        cost = self.step_cost(model) if (self.budget == AUTO and model is not None) else None
+        return SpecSession(self, [s.start_request(np.asarray(prompt, np.int64)) for s in self.sources], cost)
+
+
+class SpecSession:
+    """One request's drafting state: the source sessions and the last step's bookkeeping."""
+
+    def __init__(self, speculator: Speculator, sessions: list, cost: StepCost | None):
+        self.speculator = speculator
+        self.sessions = sessions
+        self.cost = cost
+        # per source: (raw conditional scores, depths, verified slot or -1) of the last draft
+        self._last: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._last_sources = np.zeros(0, np.uint32)
+
+    def _budget(self, scores: np.ndarray) -> int:
+        spec = self.speculator
+        if spec.budget != AUTO:
+            return int(spec.budget)
+        if self.cost is None:  # no model to measure: a middle-of-the-road default
+            return min(32, spec.config.max_budget)
+        return choose_budget(scores, self.cost, spec.config.max_budget)
+
+    def draft(self, context: np.ndarray, max_depth: int) -> DraftTree:
+        """The pruned, fused draft tree for the tokens after ``context``."""
+        spec, cfg = self.speculator, self.speculator.config
+        depth_cap = min(max_depth, cfg.max_depth)
+        trees, raws, depths = [], [], []
+        for k, session in enumerate(self.sessions):
+            tree = cap_depth(session.propose(context, cfg.source_nodes, depth_cap), depth_cap)
+            raw = conditional_scores(tree)
+            depth = tree.depths()
+            cond = spec.calibrator.conditional(k, raw, depth) if cfg.calibrate and len(tree) else raw
+            scores = path_scores(tree.parents, cond)
+            trees.append(DraftTree(tree.tokens, tree.parents, scores, np.full(len(tree), 1 << k, np.uint32)).with_monotone_scores())
+            raws.append(raw)
+            depths.append(depth)
+        fused, mappings = fuse_with_index(trees, cfg.combine)
+        pruned, keep = prune_with_index(fused, self._budget(fused.scores))
+        # fused node -> verified slot (node i of the pruned tree sits in slot i + 1)
+        slot_of = np.full(len(fused), -1, np.int64)
+        slot_of[keep] = np.arange(1, keep.shape[0] + 1)
+        self._last = [(raw, depth, slot_of[mapping]) for raw, depth, mapping in zip(raws, depths, mappings)]
+        self._last_sources = pruned.sources
+        return pruned
+
+    def observe(self, step: Verified) -> None:
+        """Pass the verification outcome to the sources and to the calibrator."""
+        for session in self.sessions:
+            session.observe(step)
+        if not self.speculator.config.calibrate or not self._last:
+            return
+        on_path = np.zeros(step.slot_tokens.shape[0], bool)
+        on_path[step.accepted_slots] = True
+        for k, (raw, depth, slots) in enumerate(self._last):
+            verified = slots >= 0
+            if not verified.any():
+                continue
+            slot = slots[verified]
+            tested = on_path[step.parent_slots[slot]]  # the parent was accepted: this node was tested
+            self.speculator.calibrator.learn(k, raw[verified][tested], depth[verified][tested], on_path[slot[tested]])
+
+    def attribution(self, accepted_slots: np.ndarray) -> tuple[dict[str, int], int]:
+        """Accepted draft tokens per source name, and how many several sources proposed."""
+        nodes = accepted_slots[accepted_slots > 0] - 1
+        masks = self._last_sources[nodes] if nodes.size else np.zeros(0, np.uint32)
+        counts = {
+            name: int(((masks >> np.uint32(k)) & np.uint32(1)).sum()) for k, name in enumerate(self.speculator.source_names)
+        }
+        several = int(sum(bin(int(m)).count("1") > 1 for m in masks))
+        return counts, several

@@ -1,0 +1,380 @@
+"""The draft tree: one flat, prefix-closed record, and the pure functions on it.
+
+A draft tree holds guesses for the tokens that follow the last committed token (the
+*root*, which is not part of the tree). Node ``i`` proposes ``tokens[i]`` after the path
+to its parent ``parents[i]`` (``ROOT`` for a child of the root). Invariants, checked by
+:meth:`DraftTree.validate` and kept by every function here:
+
+* topological order: ``parents[i] < i``;
+* a trie: no two children of one parent carry the same token;
+* ``scores[i]`` estimates the probability that the whole path to node ``i`` is accepted,
+  so it never exceeds its parent's score — the top-``k`` nodes by score are prefix-closed;
+* ``sources[i]`` is a bitmask of the sources that proposed node ``i``.
+
+Worked example — two sources guess after "the":
+
+>>> a = DraftTree.from_paths([[5, 6], [5, 7]], [[0.8, 0.5], [0.8, 0.2]], source=0)
+>>> b = DraftTree.from_paths([[5, 6, 9]], [[0.6, 0.4, 0.3]], source=1)
+>>> t = fuse([a, b])
+>>> t.tokens.tolist(), t.parents.tolist(), t.sources.tolist()
+([5, 6, 7, 9], [-1, 0, 0, 1], [3, 3, 1, 2])
+>>> prune(t, 2).tokens.tolist()
+[5, 6]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+ROOT = -1
+"""Parent index of the children of the root (the last committed token)."""
+
+SCORE_EPS = 1e-6
+"""Scores are clipped to [SCORE_EPS, 1]: a node with score 0 would never be worth verifying."""
+
+
+@dataclass(frozen=True, eq=False)
+class DraftTree:
+    """A flat draft tree (see the module docstring for its invariants).
+
+    Attributes:
+        tokens: ``int64 [N]`` proposed token ids.
+        parents: ``int32 [N]`` index of each node's parent, ``ROOT`` for children of the root.
+        scores: ``float32 [N]`` estimated probability that the path to the node is accepted.
+        sources: ``uint32 [N]`` bitmask of the proposing sources (bit ``s`` = source ``s``).
+    """
+
+    tokens: np.ndarray
+    parents: np.ndarray
+    scores: np.ndarray
+    sources: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @staticmethod
+    def empty() -> "DraftTree":
+        return DraftTree(
+            np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.uint32)
+        )
+
+    @staticmethod
+    def from_paths(
+        paths: Sequence[Sequence[int]],
+        scores: Sequence[Sequence[float]] | None = None,
+        source: int = 0,
+    ) -> "DraftTree":
+        """Build a trie from token paths (shared prefixes merge; a prefix keeps its highest score).
+
+        ``scores[p][j]`` is the path score of ``paths[p][:j+1]``; by default every node scores 1.
+
+        >>> DraftTree.from_paths([[1, 2], [1, 3], [4]]).parents.tolist()
+        [-1, 0, 0, -1]
+        """
+        index: dict[tuple[int, int], int] = {}
+        tokens: list[int] = []
+        parents: list[int] = []
+        best: list[float] = []
+        for p, path in enumerate(paths):
+            parent = ROOT
+            for j, token in enumerate(path):
+                score = 1.0 if scores is None else float(scores[p][j])
+                key = (parent, int(token))
+                node = index.get(key)
+                if node is None:
+                    node = index[key] = len(tokens)
+                    tokens.append(int(token))
+                    parents.append(parent)
+                    best.append(score)
+                else:
+                    best[node] = max(best[node], score)
+                parent = node
+        tree = DraftTree(
+            np.asarray(tokens, np.int64),
+            np.asarray(parents, np.int32),
+            np.asarray(best, np.float32),
+            np.full(len(tokens), 1 << source, np.uint32),
+        )
+        return tree.with_monotone_scores()
+
+    def depths(self) -> np.ndarray:
+        """``int32 [N]`` depth of each node; children of the root have depth 1."""
+        depth = np.zeros(len(self), np.int32)
+        for i, parent in enumerate(self.parents.tolist()):
+            depth[i] = 1 if parent == ROOT else depth[parent] + 1
+        return depth
+
+    def with_monotone_scores(self) -> "DraftTree":
+        """Clip scores into ``[SCORE_EPS, 1]`` and to at most the parent's score."""
+        scores = np.clip(self.scores.astype(np.float32), SCORE_EPS, 1.0)
+        parents = self.parents.tolist()
+        for i, parent in enumerate(parents):
+            if parent != ROOT and scores[i] > scores[parent]:
+                scores[i] = scores[parent]
+        return DraftTree(self.tokens, self.parents, scores, self.sources)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first broken invariant."""
+        n = len(self)
+        for name in ("parents", "scores", "sources"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name} has shape {getattr(self, name).shape}, expected ({n},)")
+        seen: set[tuple[int, int]] = set()
+        for i in range(n):
+            parent = int(self.parents[i])
+            if not ROOT <= parent < i:
+                raise ValueError(f"node {i} has parent {parent}: parents must come first")
+            key = (parent, int(self.tokens[i]))
+            if key in seen:
+                raise ValueError(f"node {i} repeats token {key[1]} under parent {parent}")
+            seen.add(key)
+            if parent != ROOT and self.scores[i] > self.scores[parent] + 1e-7:
+                raise ValueError(f"node {i} scores {self.scores[i]} above its parent's {self.scores[parent]}")
+
+    def paths(self) -> list[list[int]]:
+        """Token paths from the root to every leaf, in node order (for display and tests)."""
+        has_child = np.zeros(len(self), bool)
+        has_child[self.parents[self.parents >= 0]] = True
+        out = []
+        for leaf in np.flatnonzero(~has_child).tolist():
+            path, node = [], leaf
+            while node != ROOT:
+                path.append(int(self.tokens[node]))
+                node = int(self.parents[node])
+            out.append(path[::-1])
+        return out
+
+
+def fuse(trees: Sequence[DraftTree], combine: str = "noisy_or") -> DraftTree:
+    """Merge trees by longest-prefix match: the same token path becomes one node.
+
+    A node proposed by several trees gets the union of their ``sources`` and a combined
+    score: ``noisy_or`` (``1 - prod(1 - s)``: independent sources that agree are more
+    likely right) or ``max``.
+
+    >>> a = DraftTree.from_paths([[1, 2]], [[0.5, 0.4]], source=0)
+    >>> b = DraftTree.from_paths([[1, 3]], [[0.5, 0.1]], source=2)
+    >>> t = fuse([a, b])
+    >>> t.tokens.tolist(), t.sources.tolist(), [round(float(s), 2) for s in t.scores]
+    ([1, 2, 3], [5, 1, 4], [0.75, 0.4, 0.1])
+    """
+    tree, _ = fuse_with_index(trees, combine)
+    return tree
+
+
+def fuse_with_index(
+    trees: Sequence[DraftTree], combine: str = "noisy_or"
+) -> tuple[DraftTree, list[np.ndarray]]:
+    """:func:`fuse`, also returning for each input tree the fused index of each of its nodes."""
+    if combine not in ("noisy_or", "max"):
+        raise ValueError(f"combine must be 'noisy_or' or 'max', got {combine!r}")
+    nonempty = [t for t in trees if len(t)]
+    if len(nonempty) <= 1:
+        tree = nonempty[0] if nonempty else DraftTree.empty()
+        return tree, [np.arange(len(t), dtype=np.int64) for t in trees]
+
+    index: dict[tuple[int, int], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    miss: list[float] = []  # noisy-or: product of (1 - s); max: the running max
+    sources: list[int] = []
+    mappings = []
+    for tree in trees:
+        mapping = np.empty(len(tree), np.int64)
+        for i, (token, parent, score, src) in enumerate(
+            zip(tree.tokens.tolist(), tree.parents.tolist(), tree.scores.tolist(), tree.sources.tolist())
+        ):
+            fused_parent = ROOT if parent == ROOT else int(mapping[parent])
+            key = (fused_parent, token)
+            node = index.get(key)
+            if node is None:
+                node = index[key] = len(tokens)
+                tokens.append(token)
+                parents.append(fused_parent)
+                miss.append(1.0 - score if combine == "noisy_or" else score)
+                sources.append(src)
+            else:
+                miss[node] = miss[node] * (1.0 - score) if combine == "noisy_or" else max(miss[node], score)
+                sources[node] |= src
+            mapping[i] = node
+        mappings.append(mapping)
+    values = np.asarray(miss, np.float32)
+    scores = 1.0 - values if combine == "noisy_or" else values
+    fused = DraftTree(
+        np.asarray(tokens, np.int64), np.asarray(parents, np.int32), scores, np.asarray(sources, np.uint32)
+    )
+    return fused.with_monotone_scores(), mappings
+
+
+def prune(tree: DraftTree, budget: int) -> DraftTree:
+    """Keep the ``budget`` nodes with the highest path score (ties: earlier node first).
+
+    Because a node never outscores its parent and parents come first, the kept set is
+    prefix-closed.
+
+    >>> t = DraftTree.from_paths([[1, 2, 3], [4]], [[0.9, 0.5, 0.1], [0.6]])
+    >>> prune(t, 3).tokens.tolist(), prune(t, 3).parents.tolist()
+    ([1, 2, 4], [-1, 0, -1])
+    """
+    return prune_with_index(tree, budget)[0]
+
+
+def prune_with_index(tree: DraftTree, budget: int) -> tuple[DraftTree, np.ndarray]:
+    """:func:`prune`, also returning the original index of each kept node."""
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    n = len(tree)
+    if n <= budget:
+        return tree, np.arange(n, dtype=np.int64)
+    # score descending, then index ascending: a parent always ranks before its children
+    order = np.lexsort((np.arange(n), -tree.scores))[:budget]
+    keep = np.sort(order)
+    remap = np.full(n, ROOT, np.int64)
+    remap[keep] = np.arange(keep.shape[0])
+    kept_parents = tree.parents[keep]
+    new_parents = np.where(kept_parents == ROOT, ROOT, remap[np.maximum(kept_parents, 0)]).astype(np.int32)
+    assert (new_parents[kept_parents != ROOT] != ROOT).all(), "pruned set is not prefix-closed"
+    pruned = DraftTree(tree.tokens[keep], new_parents, tree.scores[keep], tree.sources[keep])
+    return pruned, keep
+
+
+def cap_depth(tree: DraftTree, max_depth: int) -> DraftTree:
+    """Drop nodes deeper than ``max_depth`` (e.g. past the remaining token budget)."""
+    if len(tree) == 0 or max_depth <= 0:
+        return DraftTree.empty()
+    depth = tree.depths()
+    if depth.max() <= max_depth:
+        return tree
+    keep = np.flatnonzero(depth <= max_depth)
+    remap = np.full(len(tree), ROOT, np.int64)
+    remap[keep] = np.arange(keep.shape[0])
+    parents = tree.parents[keep]
+    new_parents = np.where(parents == ROOT, ROOT, remap[np.maximum(parents, 0)]).astype(np.int32)
+    return DraftTree(tree.tokens[keep], new_parents, tree.scores[keep], tree.sources[keep])
+
+
+class TreeBuffers(NamedTuple):
+    """Everything one verification forward needs, on the model's device.
+
+    Slot 0 is the root (the last committed token, not yet in the KV cache); slot ``i + 1``
+    is tree node ``i``.
+
+    Attributes:
+        input_ids: ``LongTensor [1, N+1]``.
+        position_ids: ``LongTensor [1, N+1]``: ``past_len + depth``.
+        attention_mask: float additive ``[1, 1, N+1, past_len+N+1]`` in the model dtype
+            (``0`` = visible, dtype min = masked), or a dict of such masks by layer type
+            for models that mix full and sliding-window attention.
+        retrieve: ``LongTensor [P, D+1]``: for each root-to-leaf path, its slots
+            (``retrieve[p, 0] == 0``), right-padded with ``-1``.
+        parent_slots: ``int64 [N+1]`` (numpy): the slot of each slot's parent, ``-1`` for the root.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | dict[str, torch.Tensor]
+    retrieve: torch.Tensor
+    parent_slots: np.ndarray
+
+
+def ancestor_matrix(parents: np.ndarray) -> np.ndarray:
+    """``bool [N+1, N+1]``: ``A[i, j]`` iff slot ``j`` is slot ``i`` or one of its ancestors.
+
+    Slots are the root (0) and the nodes shifted by one. One vectorised pass per tree level.
+
+    >>> ancestor_matrix(np.array([-1, 0, -1])).astype(int).tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+    """
+    n = parents.shape[0] + 1
+    parent_slot = np.concatenate([[-1], parents.astype(np.int64) + 1])  # root's children -> slot 0
+    anc = np.eye(n, dtype=bool)
+    rows = np.arange(n)
+    cur = parent_slot.copy()
+    while (live := cur >= 0).any():
+        anc[rows[live], cur[live]] = True
+        cur[live] = parent_slot[cur[live]]
+    return anc
+
+
+def leaf_paths(parents: np.ndarray) -> np.ndarray:
+    """``int64 [P, D+1]``: the slots of each root-to-leaf path, right-padded with -1.
+
+    >>> leaf_paths(np.array([-1, 0, -1])).tolist()
+    [[0, 1, 2], [0, 3, -1]]
+    """
+    n = parents.shape[0]
+    if n == 0:
+        return np.zeros((1, 1), np.int64)
+    has_child = np.zeros(n, bool)
+    has_child[parents[parents >= 0]] = True
+    leaves = np.flatnonzero(~has_child)
+    # walk up from each leaf in lock-step; column d holds the ancestor at distance d
+    columns = [leaves + 1]
+    cur = parents[leaves].astype(np.int64)
+    while (cur >= 0).any():
+        columns.append(np.where(cur >= 0, cur + 1, -1))
+        cur = np.where(cur >= 0, parents[np.maximum(cur, 0)], -1)
+    up = np.stack(columns, axis=1)  # [P, D]: leaf first
+    depth = (up >= 0).sum(axis=1)
+    out = np.full((leaves.shape[0], up.shape[1] + 1), -1, np.int64)
+    out[:, 0] = 0
+    for p in range(leaves.shape[0]):  # reverse each row's valid prefix (P is small)
+        out[p, 1 : depth[p] + 1] = up[p, : depth[p]][::-1]
+    return out
+
+
+def to_buffers(
+    tree: DraftTree,
+    root_token: int,
+    past_len: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    windows: dict[str, int | None] | None = None,
+) -> TreeBuffers:
+    """Flatten ``tree`` behind ``root_token`` into the inputs of one verification forward.
+
+    ``past_len`` is the number of tokens already in the KV cache (the root sits at
+    position ``past_len``). ``windows`` maps each attention layer type to its sliding window
+    (``None`` = full attention); with more than one type the mask is a dict by type.
+
+    >>> t = DraftTree.from_paths([[7, 8], [9]])
+    >>> b = to_buffers(t, root_token=3, past_len=2)
+    >>> b.input_ids.tolist(), b.position_ids.tolist()
+    ([[3, 7, 8, 9]], [[2, 3, 4, 3]])
+    >>> (b.attention_mask[0, 0] == 0).int().tolist()
+    [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1]]
+    """
+    n = len(tree) + 1
+    parents = tree.parents
+    # 1) ids and positions: the root, then the nodes at past_len + depth
+    ids = np.concatenate([[root_token], tree.tokens]).astype(np.int64)
+    depth = np.concatenate([[0], tree.depths()]).astype(np.int64)
+    positions = past_len + depth
+    # 2) tree part of the mask: each slot sees itself and its ancestors
+    visible = torch.from_numpy(ancestor_matrix(parents))
+    # 3) the context part is visible to all slots, except where a sliding window ends
+    masks = {}
+    min_value = torch.finfo(dtype).min
+    pos_t = torch.from_numpy(positions)
+    for layer_type, window in (windows or {"full_attention": None}).items():
+        mask = torch.zeros(n, past_len + n, dtype=dtype)
+        mask[:, past_len:].masked_fill_(~visible, min_value)
+        if window is not None and past_len > 0:
+            # key at absolute position k is visible to a query at q iff k > q - window
+            context_pos = torch.arange(past_len)
+            too_old = context_pos[None, :] <= (pos_t[:, None] - window)
+            mask[:, :past_len].masked_fill_(too_old, min_value)
+        masks[layer_type] = mask[None, None].to(device)
+    attention_mask = next(iter(masks.values())) if len(masks) == 1 else masks
+    return TreeBuffers(
+        input_ids=torch.from_numpy(ids)[None].to(device),
+        position_ids=pos_t[None].to(device),
+        attention_mask=attention_mask,
+        retrieve=torch.from_numpy(leaf_paths(parents)).to(device),
+        parent_slots=np.concatenate([[-1], parents.astype(np.int64) + 1]),
+    )
