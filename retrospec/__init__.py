@@ -11,6 +11,7 @@ from retrospec.compat import check_transformers
 check_transformers()
 
 from retrospec.hooks import SpecOutput, custom_generate, generate  # noqa: E402
+from retrospec.models import load_model  # noqa: E402
 from retrospec.sources import ContextConfig, ContextSource, Source, Verified  # noqa: E402
 from retrospec.speculator import Speculator, SpeculatorConfig  # noqa: E402
 from retrospec.stats import SpecStats  # noqa: E402
@@ -32,6 +33,7 @@ __all__ = [
     "custom_generate",
     "fuse",
     "generate",
+    "load_model",
     "prune",
     "to_buffers",
 ]

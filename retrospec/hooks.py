@@ -47,11 +47,19 @@ class SpecOutput(ModelOutput):
     stats: SpecStats | None = None
 
 
-def generate(model, input_ids: torch.Tensor, speculator: Speculator | None = None, streamer=None, **generate_kwargs) -> SpecOutput:
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    speculator: Speculator | None = None,
+    streamer=None,
+    documents=None,
+    **generate_kwargs,
+) -> SpecOutput:
     """Speculative ``model.generate``: same arguments, same tokens, fewer forwards.
 
     ``speculator=None`` uses a fresh :class:`Speculator` with the context source; reuse one
-    Speculator across calls so that its calibration and caches carry over.
+    Speculator across calls so that its calibration and caches carry over. ``documents``
+    (texts) go to the document sources for this request.
     """
     generate_kwargs["return_dict_in_generate"] = True
     return model.generate(
@@ -59,6 +67,7 @@ def generate(model, input_ids: torch.Tensor, speculator: Speculator | None = Non
         custom_generate=custom_generate,
         speculator=speculator,
         retrospec_streamer=streamer,
+        retrospec_documents=documents,
         **generate_kwargs,
     )
 
@@ -105,6 +114,7 @@ def custom_generate(
     generation_config=None,
     speculator: Speculator | None = None,
     retrospec_streamer=None,
+    retrospec_documents=None,
     **model_kwargs,
 ):
     """The decoding function for ``model.generate(custom_generate=...)``.
@@ -133,6 +143,7 @@ def custom_generate(
         windows=layer_windows(model.config),
         max_positions=max_positions(model.config),
         streamer=retrospec_streamer,
+        documents=tuple(retrospec_documents or ()),
     )
     if retrospec_streamer is not None:
         retrospec_streamer.put(input_ids.cpu())  # generate() streams the prompt first

@@ -40,6 +40,8 @@ class DecodeSettings:
     max_positions: int | None
     """Largest position + 1 the model's embeddings cover."""
     streamer: object | None = None
+    documents: tuple[str, ...] = ()
+    """Texts that came with the request, for document sources."""
 
 
 class _Clock:
@@ -131,7 +133,7 @@ def decode_row(
     past_len = prompt_len  # tokens in the cache; the root (last committed token) is not
     clock.lap("prefill")
 
-    session = speculator.start_request(context[:prompt_len], model)
+    session = speculator.start_request(context[:prompt_len], model, settings.documents)
     topk = speculator.topk_wanted
     while not stopped:
         # 2) draft, within the remaining length and the model's positions

@@ -103,10 +103,12 @@ class Speculator:
             self._costs[key] = step_cost_for(model)
         return self._costs[key]
 
-    def start_request(self, prompt: np.ndarray, model=None) -> "SpecSession":
-        """Open a session for one request (``prompt``: ``int64 [L]``)."""
+    def start_request(self, prompt: np.ndarray, model=None, documents: Sequence[str] = ()) -> "SpecSession":
+        """Open a session for one request (``prompt``: ``int64 [L]``; ``documents``: texts that
+        came with it, for document sources). ``model`` is needed for ``budget="auto"``."""
         cost = self.step_cost(model) if (self.budget == AUTO and model is not None) else None
-        return SpecSession(self, [s.start_request(np.asarray(prompt, np.int64)) for s in self.sources], cost)
+        prompt = np.asarray(prompt, np.int64)
+        return SpecSession(self, [s.start_request(prompt, documents) for s in self.sources], cost)
 
 
 class SpecSession:

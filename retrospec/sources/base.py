@@ -9,7 +9,7 @@ Recycling matrix) lives on the source; state of one request lives on the session
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -63,6 +63,7 @@ class Source(Protocol):
     topk_wanted: int
     """How many of the model's top next tokens per verified slot it wants in ``Verified.topk``."""
 
-    def start_request(self, prompt: np.ndarray) -> Session:
-        """A session for one request whose prompt is ``prompt`` (``int64 [L]``)."""
+    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> Session:
+        """A session for one request: its prompt (``int64 [L]``) and any documents that came
+        with it (e.g. a RAG pipeline's retrieved passages; most sources ignore them)."""
         ...

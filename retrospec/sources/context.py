@@ -19,6 +19,7 @@ The index grows with each committed token (``_extend``); it is never rebuilt.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class ContextSource:
     def __init__(self, config: ContextConfig | None = None) -> None:
         self.config = config or ContextConfig()
 
-    def start_request(self, prompt: np.ndarray) -> "ContextSession":
+    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "ContextSession":
         return ContextSession(self.config, prompt)
 
 

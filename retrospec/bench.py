@@ -1,0 +1,399 @@
+"""``retrospec bench``: speed and identity, side by side, on your model and prompts.
+
+Every method runs on the same prompts in the same process, interleaved per prompt (so a
+noisy neighbour slows all methods alike), after a warm-up, with torch threads fixed.
+Multi-turn records are run turn by turn with each method's own previous answers.
+
+Per method and category it reports MAT (new tokens per target forward after the
+prefill — for methods that go through ``model.generate`` the forwards are counted with a
+forward hook), tokens per second, the speedup over plain greedy in the same run, and how
+many prompts gave output identical to greedy's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+import retrospec
+from retrospec.prompts import PromptRecord, load_prompts, render
+from retrospec.speculator import Speculator
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "greedy"
+
+
+@dataclass
+class Run:
+    """One generation: its new tokens, target forwards after the prefill, and wall time."""
+
+    tokens: list[int]
+    steps: int
+    seconds: float
+    stats: retrospec.SpecStats | None = None
+
+
+class ForwardCounter:
+    """Counts calls of ``model.forward`` (through a forward pre-hook)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _new_tokens(sequences: torch.Tensor, prompt_len: int) -> list[int]:
+    return sequences[0, prompt_len:].tolist()
+
+
+class Method:
+    """A way of generating; subclasses implement ``_generate``."""
+
+    name: str = ""
+
+    def __init__(self, name: str, model, tokenizer):
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.counter = ForwardCounter(model)
+
+    def run(self, ids: torch.Tensor, record: PromptRecord, max_new_tokens: int) -> Run:
+        calls = self.counter.calls
+        start = time.perf_counter()
+        tokens, stats = self._generate(ids, record, max_new_tokens)
+        seconds = time.perf_counter() - start
+        forwards = self.counter.calls - calls
+        steps = stats.steps if stats is not None else max(forwards - 1, 0)
+        return Run(tokens, steps, seconds, stats)
+
+    def _generate(self, ids, record, max_new_tokens):
+        raise NotImplementedError
+
+
+class PlainMethod(Method):
+    """``model.generate`` with fixed extra arguments (greedy, PLD, static cache...)."""
+
+    def __init__(self, name, model, tokenizer, **kwargs):
+        super().__init__(name, model, tokenizer)
+        self.kwargs = kwargs
+
+    def _generate(self, ids, record, max_new_tokens):
+        out = self.model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **self.kwargs,
+        )
+        return _new_tokens(out, ids.shape[1]), None
+
+
+class SpecMethod(Method):
+    """``retrospec.generate`` with one Speculator kept for the whole run (it learns online)."""
+
+    def __init__(self, name, model, tokenizer, speculator: Speculator, use_documents: bool = False):
+        super().__init__(name, model, tokenizer)
+        self.speculator = speculator
+        self.use_documents = use_documents
+
+    def _generate(self, ids, record, max_new_tokens):
+        out = retrospec.generate(
+            self.model, ids, speculator=self.speculator, attention_mask=torch.ones_like(ids), do_sample=False,
+            max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            documents=list(record.passages) if self.use_documents else None,
+        )
+        return _new_tokens(out.sequences, ids.shape[1]), out.stats
+
+
+@dataclass
+class BenchOptions:
+    """What ``retrospec bench`` was asked for (the CLI flags)."""
+
+    model: str = "smollm2-135m"
+    data: str = "../shared/bench/specbench/question.jsonl"
+    per_category: int | None = 5
+    max_new_tokens: int = 128
+    dtype: str = "float32"
+    methods: tuple[str, ...] = ("greedy", "pld", "retrospec")
+    out: str = "runs/bench"
+    budget: str = "auto"
+    threads: int = 2
+    device: str = "cpu"
+    index: str | None = None
+    drafter: str | None = None
+    documents: str | None = None
+    recycling: str | None = None
+    categories: tuple[str, ...] = ()
+    warmup: int = 1
+    command: str = ""
+
+
+MethodBuilder = Callable[[str, object, object, BenchOptions], Method]
+METHODS: dict[str, MethodBuilder] = {}
+
+
+def method(name: str):
+    """Register a method builder under ``name``."""
+
+    def register(builder: MethodBuilder) -> MethodBuilder:
+        METHODS[name] = builder
+        return builder
+
+    return register
+
+
+def _budget(options: BenchOptions):
+    return options.budget if options.budget == "auto" else int(options.budget)
+
+
+@method("greedy")
+def _greedy(name, model, tokenizer, options):
+    return PlainMethod(name, model, tokenizer)
+
+
+@method("greedy-static")
+def _greedy_static(name, model, tokenizer, options):
+    return PlainMethod(name, model, tokenizer, cache_implementation="static")
+
+
+@method("pld")
+def _pld(name, model, tokenizer, options):
+    return PlainMethod(name, model, tokenizer, prompt_lookup_num_tokens=10)
+
+
+@method("context")
+def _context(name, model, tokenizer, options):
+    return SpecMethod(name, model, tokenizer, Speculator([retrospec.ContextSource()], budget=_budget(options)))
+
+
+@method("retrospec")
+def _retrospec(name, model, tokenizer, options):
+    from retrospec.defaults import default_sources
+
+    sources = default_sources(model, tokenizer, index=options.index, drafter=options.drafter, recycling=options.recycling)
+    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=_budget(options)), use_documents=True)
+
+
+def build_method(name: str, model, tokenizer, options: BenchOptions) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name](name, model, tokenizer, options)
+
+
+@dataclass
+class Tally:
+    new_tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    identical: int = 0
+    n: int = 0
+
+    def add(self, other: "Tally") -> None:
+        self.new_tokens += other.new_tokens
+        self.steps += other.steps
+        self.seconds += other.seconds
+        self.identical += other.identical
+        self.n += other.n
+
+    def row(self, reference: "Tally | None") -> dict:
+        tok_s = self.new_tokens / self.seconds if self.seconds else 0.0
+        ref_tok_s = (reference.new_tokens / reference.seconds) if reference and reference.seconds else 0.0
+        return {
+            "mat": round(self.new_tokens / self.steps, 4) if self.steps else 0.0,
+            "tok_s": round(tok_s, 3),
+            "speedup": round(tok_s / ref_tok_s, 4) if ref_tok_s else 0.0,
+            "identical": self.identical,
+            "n": self.n,
+        }
+
+
+@dataclass
+class BenchResult:
+    model: str
+    dtype: str
+    tallies: dict[str, dict[str, Tally]] = field(default_factory=dict)  # method -> category -> tally
+    details: dict[str, dict] = field(default_factory=dict)  # method -> extra (source attribution, timings)
+    outputs: list[dict] = field(default_factory=list)
+
+    def overall(self, method: str) -> Tally:
+        total = Tally()
+        for tally in self.tallies[method].values():
+            total.add(tally)
+        return total
+
+    def to_json(self) -> dict:
+        """The ``results.json`` document (schema fixed by the bench contract)."""
+        methods = {}
+        for name, cats in self.tallies.items():
+            ref_cats = self.tallies.get(REFERENCE, {})
+            methods[name] = {
+                "overall": self.overall(name).row(self.overall(REFERENCE) if REFERENCE in self.tallies else None),
+                "categories": {cat: tally.row(ref_cats.get(cat)) for cat, tally in cats.items()},
+            }
+        return {"model": self.model, "dtype": self.dtype, "methods": methods}
+
+
+def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
+    """Run the benchmark and write ``results.json``, ``report.md``, ``speedup.png`` and
+    ``outputs.jsonl`` under ``options.out``. ``model``/``tokenizer`` may be passed in."""
+    if REFERENCE not in options.methods:
+        raise ValueError(f"methods must include {REFERENCE!r}: it is the reference for speedup and identity")
+    unknown = [m for m in options.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    torch.set_num_threads(options.threads)
+    if model is None:
+        model, tokenizer = retrospec.load_model(options.model, options.dtype, device=options.device)
+    records = load_prompts(options.data, options.per_category, list(options.categories) or None)
+    methods = [build_method(name, model, tokenizer, options) for name in options.methods]
+    result = BenchResult(model=options.model, dtype=options.dtype)
+    for m in methods:
+        result.tallies[m.name] = {}
+    log.info("bench: %d prompts x %d methods on %s (%s)", len(records), len(methods), options.model, options.dtype)
+
+    # warm-up: kernels, allocator, the step-cost profile of budget="auto"
+    for _ in range(options.warmup):
+        ids = render(tokenizer, [{"role": "user", "content": records[0].turns[0]}], raw=records[0].raw)
+        for m in methods:
+            m.run(ids, records[0], 8)
+
+    for record in tqdm(records, desc="bench", unit="prompt"):
+        reference_tokens: list[list[int]] | None = None
+        for m in methods:
+            conversation: list[dict] = []
+            tally = Tally(n=1)
+            produced: list[list[int]] = []
+            prompts: list[list[int]] = []
+            for turn in record.turns:
+                conversation.append({"role": "user", "content": turn})
+                ids = render(tokenizer, conversation, raw=record.raw).to(model.device)
+                run = m.run(ids, record, options.max_new_tokens)
+                produced.append(run.tokens)
+                prompts.append(ids[0].tolist())
+                tally.new_tokens += len(run.tokens)
+                tally.steps += run.steps
+                tally.seconds += run.seconds
+                conversation.append({"role": "assistant", "content": tokenizer.decode(run.tokens, skip_special_tokens=True)})
+                if run.stats is not None:
+                    _accumulate_details(result.details.setdefault(m.name, {}), run.stats)
+            if m.name == REFERENCE:
+                reference_tokens = produced
+                result.outputs.append(
+                    {"id": record.id, "category": record.category, "turns": list(record.turns),
+                     "raw": record.raw, "prompt_ids": prompts, "outputs": produced, "passages": list(record.passages)}
+                )
+            tally.identical = int(produced == reference_tokens)
+            result.tallies[m.name].setdefault(record.category, Tally()).add(tally)
+    for m in methods:
+        m.counter.close()
+    write_outputs(result, options, model)
+    return result
+
+
+def _accumulate_details(details: dict, stats: retrospec.SpecStats) -> None:
+    for key, value in stats.accepted_by_source.items():
+        details.setdefault("accepted_by_source", {})
+        details["accepted_by_source"][key] = details["accepted_by_source"].get(key, 0) + value
+    details["accepted_by_several"] = details.get("accepted_by_several", 0) + stats.accepted_by_several
+    details["accepted_drafts"] = details.get("accepted_drafts", 0) + stats.accepted_drafts
+    details["drafted_nodes"] = details.get("drafted_nodes", 0) + stats.drafted_nodes
+    details["steps"] = details.get("steps", 0) + stats.steps
+    for key, value in stats.seconds.items():
+        details.setdefault("seconds", {})
+        details["seconds"][key] = details["seconds"].get(key, 0.0) + value
+
+
+def write_outputs(result: BenchResult, options: BenchOptions, model) -> None:
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = result.to_json()
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    with open(out / "outputs.jsonl", "w") as f:
+        for row in result.outputs:
+            f.write(json.dumps(row) + "\n")
+    (out / "report.md").write_text(report_markdown(doc, result, options, model))
+    plot_speedup(doc, out / "speedup.png")
+    log.info("bench: wrote %s", out)
+
+
+def _table(rows: dict[str, dict]) -> list[str]:
+    lines = ["| method | MAT | tok/s | speedup | identical |", "|---|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['mat']:.2f} | {row['tok_s']:.2f} | {row['speedup']:.2f}× | {row['identical']}/{row['n']} |")
+    return lines
+
+
+def report_markdown(doc: dict, result: BenchResult, options: BenchOptions, model) -> str:
+    device = next(model.parameters()).device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    lines = [
+        f"# retrospec bench: {doc['model']} ({doc['dtype']})",
+        "",
+        f"- command: `{options.command or 'retrospec bench'}`",
+        f"- data: `{options.data}`, {options.per_category or 'all'} per category, max {options.max_new_tokens} new tokens",
+        f"- device: {device} ({device_name}), torch {torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        "MAT = new tokens / target forwards after the prefill; speedup = tok/s over `greedy` in this run;",
+        "identical = prompts whose output equals `greedy`'s token for token.",
+        "",
+        "## Overall",
+        "",
+        *_table({name: m["overall"] for name, m in doc["methods"].items()}),
+        "",
+    ]
+    categories = list(next(iter(doc["methods"].values()))["categories"])
+    for cat in categories:
+        lines += [f"## {cat}", "", *_table({name: m["categories"][cat] for name, m in doc["methods"].items() if cat in m["categories"]}), ""]
+    if result.details:
+        lines += ["## Where accepted tokens came from", "", "| method | accepted drafts | by source | by several | mean tree | host ms/step |", "|---|---:|---|---:|---:|---:|"]
+        for name, d in result.details.items():
+            steps = max(d.get("steps", 0), 1)
+            host = sum(v for k, v in d.get("seconds", {}).items() if k not in ("forward", "prefill"))
+            by_source = ", ".join(f"{k} {v}" for k, v in d.get("accepted_by_source", {}).items())
+            lines.append(
+                f"| {name} | {d.get('accepted_drafts', 0)} | {by_source} | {d.get('accepted_by_several', 0)} | "
+                f"{d.get('drafted_nodes', 0) / steps:.1f} | {1e3 * host / steps:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_speedup(doc: dict, path: Path) -> None:
+    """Grouped bars: speedup over greedy per category and overall, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in doc["methods"] if m != REFERENCE]
+    categories = list(next(iter(doc["methods"].values()))["categories"]) + ["overall"]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(categories)), 4))
+    x = np.arange(len(categories))
+    for i, name in enumerate(methods):
+        rows = doc["methods"][name]
+        values = [rows["categories"].get(c, {}).get("speedup", 0.0) for c in categories[:-1]] + [rows["overall"]["speedup"]]
+        bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
+        mats = [rows["categories"].get(c, {}).get("mat", 0.0) for c in categories[:-1]] + [rows["overall"]["mat"]]
+        for bar, mat in zip(bars, mats):
+            ax.annotate(f"{mat:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=6)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(x, categories, rotation=20)
+    ax.set_ylabel("speedup over greedy (tok/s ratio)")
+    ax.set_title(f"{doc['model']} ({doc['dtype']}) — bar labels: MAT")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

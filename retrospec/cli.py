@@ -1,0 +1,241 @@
+"""The ``retrospec`` command line: models, generate, bench, demo, simulate, index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+
+log = logging.getLogger("retrospec")
+
+
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell.rstrip("×").split("/")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """A plain-text table; numbers right-aligned, floats with two decimals.
+
+    >>> print(format_table(["a", "b"], [["x", 1.5]]))
+    a |    b
+    --+-----
+    x | 1.50
+    """
+    cells = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        return " | ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(values, widths)).rstrip()
+
+    return "\n".join([line(headers), "-+-".join("-" * w for w in widths), *(line(r) for r in cells)])
+
+
+# ----------------------------------------------------------------------------- models
+def cmd_models(args) -> int:
+    from retrospec.models import MODELS, fetch, is_fetched, model_dir
+
+    if args.action == "list":
+        rows = [[s.name, "yes" if is_fetched(s.name) else "no", f"{s.size / 1e6:.0f} MB", s.title] for s in MODELS.values()]
+        print(format_table(["name", "fetched", "gguf", "model"], rows))
+        return 0
+    for name in args.names:
+        path = fetch(name)
+        print(f"{name}: {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    import retrospec
+    from retrospec.defaults import default_sources
+    from retrospec.prompts import render
+
+    torch.set_num_threads(args.threads)
+    if (args.prompt is None) == (args.file is None):
+        raise SystemExit("give exactly one of --prompt TEXT or --file PATH")
+    text = args.prompt if args.prompt is not None else open(args.file, encoding="utf-8").read()
+    model, tokenizer = retrospec.load_model(args.model, args.dtype)
+    ids = render(tokenizer, [{"role": "user", "content": text}], raw=args.raw)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    common = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad)
+    speculator = retrospec.Speculator(
+        default_sources(model, tokenizer, index=args.index, recycling=args.recycling),
+        budget=args.budget if args.budget == "auto" else int(args.budget),
+    )
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
+    start = time.perf_counter()
+    out = retrospec.generate(model, ids, speculator=speculator, streamer=streamer, **common)
+    spec_s = time.perf_counter() - start
+    new = out.sequences[0, ids.shape[1] :]
+    if not args.stream:
+        print(tokenizer.decode(new, skip_special_tokens=True))
+    stats = out.stats
+    n = int(new.shape[0])
+    summary = f"\n{n} tokens, MAT {stats.mean_accepted:.2f}, {n / spec_s:.1f} tok/s"
+    if args.compare:
+        start = time.perf_counter()
+        reference = model.generate(ids, **common)
+        plain_s = time.perf_counter() - start
+        plain_n = reference.shape[1] - ids.shape[1]
+        summary += (
+            f"; plain greedy {plain_n / plain_s:.1f} tok/s → speedup {(n / spec_s) / (plain_n / plain_s):.2f}×, "
+            f"identical: {'yes' if torch.equal(reference, out.sequences) else 'NO'}"
+        )
+    print(summary)
+    if args.json:
+        print(json.dumps(stats.as_dict()))
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    from retrospec.bench import BenchOptions, run_bench
+
+    options = BenchOptions(
+        model=args.model, data=args.data, per_category=args.per_category, max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), out=args.out,
+        budget=args.budget, threads=args.threads, device=args.device, index=args.index, drafter=args.drafter,
+        documents=args.documents, recycling=args.recycling,
+        categories=tuple(c for c in (args.categories or "").split(",") if c), warmup=args.warmup,
+        command="retrospec " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    result = run_bench(options)
+    doc = result.to_json()
+    rows = [[name, m["overall"]["mat"], m["overall"]["tok_s"], f"{m['overall']['speedup']:.2f}×", f"{m['overall']['identical']}/{m['overall']['n']}"] for name, m in doc["methods"].items()]
+    print(format_table(["method", "MAT", "tok/s", "speedup", "identical"], rows))
+    print(f"\nreport: {options.out}/report.md")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from retrospec.demo import run_demo
+
+    rows = run_demo(args.model, args.dtype, args.max_new_tokens, args.threads, args.budget if args.budget == "auto" else int(args.budget))
+    for row in rows:
+        print(f"\n=== {row.kind} ===\n{row.text.strip()}")
+    print()
+    table = [[r.kind, r.tokens, r.mat, r.plain_tok_s, r.spec_tok_s, f"{r.speedup:.2f}×", "yes" if r.identical else "NO"] for r in rows]
+    tokens = sum(r.tokens for r in rows)
+    plain_s = sum(r.tokens / r.plain_tok_s for r in rows if r.plain_tok_s)
+    spec_s = sum(r.tokens / r.spec_tok_s for r in rows if r.spec_tok_s)
+    table.append(["all", tokens, "", tokens / plain_s, tokens / spec_s, f"{plain_s / spec_s:.2f}×", "yes" if all(r.identical for r in rows) else "NO"])
+    print(format_table(["prompt", "tokens", "MAT", "plain tok/s", "retrospec tok/s", "speedup", "identical"], table))
+    return 0 if all(r.identical for r in rows) else 1
+
+
+# ----------------------------------------------------------------------------- simulate
+def cmd_simulate(args) -> int:
+    import retrospec
+    from retrospec.simulate import simulate
+
+    sources = {"context": [retrospec.ContextSource()]}
+    if args.index:
+        from retrospec.sources.suffix_index import SuffixIndex
+
+        index = SuffixIndex.open(args.index)
+        sources["suffix-index"] = [index]
+        sources["context+suffix-index"] = [retrospec.ContextSource(), index]
+    rows = []
+    for name, srcs in sources.items():
+        result = simulate(args.outputs, retrospec.Speculator(srcs, budget=args.budget))
+        rows.append([name, result.mat] + [round(v, 2) for v in result.category_mat().values()])
+        cats = list(result.category_mat())
+    print(format_table(["sources", "MAT", *cats], rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _add_model_args(p, dtype="float32") -> None:
+    from retrospec.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="short name (see `retrospec models list`), local directory or hub id (default: %(default)s)")
+    p.add_argument("--dtype", default=dtype, help="float32, bfloat16 or float16 (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--budget", default="auto", help="draft nodes verified per step: an integer or 'auto' (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retrospec", description="Lossless speculative decoding for HuggingFace transformers, drafted from retrieval and caches.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list or fetch the embedded real models")
+    msub = p.add_subparsers(dest="action", required=True)
+    msub.add_parser("list", help="the short names, and whether each is fetched")
+    f = msub.add_parser("fetch", help="download, check and convert models into the cache")
+    f.add_argument("names", nargs="+", help="short names")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="generate from a prompt with retrospec and report the speedup")
+    _add_model_args(p)
+    p.add_argument("--prompt", help="the user message")
+    p.add_argument("--file", help="read the user message from a file")
+    p.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are committed")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True, help="also run plain greedy and compare speed and output (default: on)")
+    p.add_argument("--index", help="a suffix index directory to draft from")
+    p.add_argument("--recycling", help="a saved Token Recycling matrix (.npz) to start from")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON too")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="MAT, tok/s, speedup and identity of methods side by side")
+    _add_model_args(p)
+    p.add_argument("--data", default="../shared/bench/specbench/question.jsonl", help="JSONL prompts: Spec-Bench (turns) or HumanEval (task_id + prompt) (default: %(default)s)")
+    p.add_argument("--per-category", type=int, default=5, help="prompts per category (default: %(default)s)")
+    p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--methods", default="greedy,pld,retrospec", help="comma-separated: greedy, greedy-static, pld, context, suffix-index, recycling, documents, drafter, retrospec (default: %(default)s)")
+    p.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--index", help="suffix index directory (methods suffix-index and retrospec)")
+    p.add_argument("--drafter", help="draft model short name or path (methods drafter and retrospec)")
+    p.add_argument("--documents", help="document store directory (method documents); default: the records' own passages")
+    p.add_argument("--recycling", help="a saved Token Recycling matrix (.npz) to start from")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default: %(default)s)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="plain vs retrospec on bundled prompts, on a real model (the README's first command)")
+    _add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("simulate", help="model-free MAT of sources, replaying the greedy outputs that bench saved")
+    p.add_argument("outputs", help="outputs.jsonl written by `retrospec bench`")
+    p.add_argument("--budget", type=int, default=32, help="nodes per step (default: %(default)s)")
+    p.add_argument("--index", help="also simulate with this suffix index")
+    p.set_defaults(func=cmd_simulate)
+
+    try:
+        from retrospec.index_cli import add_index_parser
+    except ImportError:
+        pass
+    else:
+        add_index_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
