@@ -10,6 +10,7 @@ from retrospec.compat import check_transformers
 
 check_transformers()
 
+from retrospec.assistant import AssistantChain  # noqa: E402
 from retrospec.hooks import SpecOutput, custom_generate, generate  # noqa: E402
 from retrospec.models import load_model  # noqa: E402
 from retrospec.sources import ContextConfig, ContextSource, Source, Verified  # noqa: E402
@@ -20,6 +21,7 @@ from retrospec.tree import DraftTree, TreeBuffers, fuse, prune, to_buffers  # no
 __version__ = "0.1.0"
 
 __all__ = [
+    "AssistantChain",
     "ContextConfig",
     "ContextSource",
     "DraftTree",

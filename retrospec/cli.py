@@ -31,8 +31,10 @@ def format_table(headers: list[str], rows: list[list]) -> str:
     cells = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
+    numeric = [bool(cells) and all(_numeric(r[i]) or not r[i] for r in cells) for i in range(len(headers))]
+
     def line(values: list[str]) -> str:
-        return " | ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(values, widths)).rstrip()
+        return " | ".join(v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)).rstrip()
 
     return "\n".join([line(headers), "-+-".join("-" * w for w in widths), *(line(r) for r in cells)])
 

@@ -1,0 +1,98 @@
+"""Fusion across sources, calibration, budget and attribution."""
+
+import numpy as np
+import pytest
+
+import retrospec
+from helpers import FixedTreeSource
+from retrospec.budget import StepCost, choose_budget, step_cost_for
+from retrospec.calibration import Calibrator, conditional_scores, path_scores
+from retrospec.sources.base import Verified
+from retrospec.tree import DraftTree
+
+
+class Named(FixedTreeSource):
+    def __init__(self, name, tree):
+        super().__init__(tree)
+        self.name = name
+
+
+def test_speculator_validates_its_arguments():
+    with pytest.raises(ValueError, match="unique"):
+        retrospec.Speculator([retrospec.ContextSource(), retrospec.ContextSource()])
+    with pytest.raises(ValueError, match="budget"):
+        retrospec.Speculator(budget=-1)
+    with pytest.raises(ValueError, match="1 to 32"):
+        retrospec.Speculator([])
+    with pytest.raises(ValueError, match="combine"):
+        retrospec.SpeculatorConfig(combine="sum")
+
+
+def test_two_sources_fuse_and_get_credit():
+    a = Named("a", DraftTree.from_paths([[1, 2, 3]], [[0.9, 0.8, 0.7]]))
+    b = Named("b", DraftTree.from_paths([[1, 2, 4], [5]], [[0.6, 0.5, 0.4], [0.3]]))
+    spec = retrospec.Speculator([a, b], budget=10, config=retrospec.SpeculatorConfig(calibrate=False))
+    session = spec.start_request(np.array([9]))
+    tree = session.draft(np.array([9]), max_depth=8)
+    assert tree.tokens.tolist() == [1, 2, 3, 4, 5]
+    assert tree.sources.tolist() == [3, 3, 1, 2, 2]
+    # the verified path root -> 1 -> 2 -> 4: slots 0, 1, 2, 4
+    counts, several = session.attribution(np.array([0, 1, 2, 4]))
+    assert counts == {"a": 2, "b": 3} and several == 2
+
+
+def test_calibration_learns_from_tested_nodes_only():
+    a = Named("a", DraftTree.from_paths([[1, 2]], [[0.5, 0.25]]))
+    spec = retrospec.Speculator([a], budget=10)
+    session = spec.start_request(np.array([9]))
+    for _ in range(30):
+        tree = session.draft(np.array([9]), max_depth=4)
+        # verification rejects token 1 at the root: node 2 (below it) was never tested
+        session.observe(Verified(np.array([9, 1, 2]), np.array([-1, 0, 1]), np.array([0]), np.array([7]), None))
+    assert spec.calibrator.tested[0].sum() == 30  # only the depth-1 node, once per step
+    assert session.draft(np.array([9]), max_depth=4).scores[0] < 0.2  # raw 0.5, measured 0
+
+
+def test_calibrator_tables():
+    cal = Calibrator(2, prior_weight=2.0)
+    raw, depth = np.array([0.55, 0.55, 0.55, 0.55]), np.array([1, 1, 1, 1])
+    cal.learn(1, raw, depth, np.array([True, True, True, False]))
+    # (3 + 2 * 0.55) / (4 + 2)
+    assert cal.conditional(1, np.array([0.55]), np.array([1]))[0] == pytest.approx(4.1 / 6)
+    assert cal.conditional(0, np.array([0.55]), np.array([1]))[0] == pytest.approx(0.55)  # untouched source
+    assert np.isnan(cal.acceptance_rates(0)).all()
+    with pytest.raises(ValueError):
+        Calibrator(1, prior_weight=0)
+
+
+def test_conditional_and_path_scores_round_trip():
+    t = DraftTree.from_paths([[1, 2, 3], [4]], [[0.8, 0.4, 0.1], [0.5]])
+    cond = conditional_scores(t)
+    assert cond.tolist() == pytest.approx([0.8, 0.5, 0.25, 0.5])
+    assert path_scores(t.parents, cond).tolist() == pytest.approx(t.scores.tolist())
+
+
+def test_choose_budget_flat_then_linear_cost():
+    flat = StepCost(sizes=(1, 64, 128), seconds=(0.01, 0.01, 0.02))
+    scores = np.full(100, 0.05)
+    assert choose_budget(scores, flat, 128) == 63  # free up to 64 tokens (63 nodes + root), then each node costs more than it brings
+    # every extra token doubles, triples... the step: 1/0.01 beats 1.9/0.02 and 2.7/0.03
+    steep = StepCost(sizes=(1, 2), seconds=(0.01, 0.02))
+    assert choose_budget(np.array([0.9, 0.8]), steep, 8) == 0
+    assert choose_budget(np.array([]), flat, 8) == 0
+    with pytest.raises(ValueError):
+        StepCost(sizes=(1,), seconds=(0.1,))
+
+
+def test_auto_budget_measures_once_and_caches(isolated_cache):
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    first = step_cost_for(model)
+    files = list((isolated_cache / "step_cost").glob("*.json"))
+    assert len(files) == 1
+    assert step_cost_for(model) == first  # read back from the cache
+    assert all(s > 0 for s in first.seconds)
+    spec = retrospec.Speculator(budget="auto")
+    session = spec.start_request(np.array([1, 2, 1]), model)
+    assert session.cost == first
