@@ -25,25 +25,29 @@ import numpy as np
 from retrospec.tree import ROOT, DraftTree
 
 
+SCORE_EDGES = (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+"""Bucket edges of raw conditional scores: fine at the low end, where rank priors live."""
+
+
 class Calibrator:
     """Per-source acceptance tables (see the module docstring)."""
 
-    def __init__(self, n_sources: int, *, score_bins: int = 10, max_depth_bin: int = 4, prior_weight: float = 6.0):
-        if score_bins < 1 or max_depth_bin < 1 or prior_weight <= 0:
+    def __init__(self, n_sources: int, *, edges: tuple[float, ...] = SCORE_EDGES, max_depth_bin: int = 4, prior_weight: float = 6.0):
+        if max_depth_bin < 1 or prior_weight <= 0 or list(edges) != sorted(edges):
             raise ValueError(
-                f"need score_bins >= 1, max_depth_bin >= 1, prior_weight > 0; got {score_bins}, {max_depth_bin}, {prior_weight}"
+                f"need ascending edges, max_depth_bin >= 1, prior_weight > 0; got {edges}, {max_depth_bin}, {prior_weight}"
             )
-        self.score_bins = score_bins
+        self.edges = np.asarray(edges, np.float32)
         self.max_depth_bin = max_depth_bin
         self.prior_weight = prior_weight
-        shape = (n_sources, max_depth_bin, score_bins)
+        shape = (n_sources, max_depth_bin, len(edges) + 1)
         self.tested = np.zeros(shape, np.float64)
         self.accepted = np.zeros(shape, np.float64)
         self._lock = threading.Lock()
 
     def _buckets(self, raw: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d = np.clip(depth, 1, self.max_depth_bin) - 1
-        b = np.clip((raw * self.score_bins).astype(np.int64), 0, self.score_bins - 1)
+        b = np.searchsorted(self.edges, raw, side="right")
         return d, b
 
     def conditional(self, source: int, raw: np.ndarray, depth: np.ndarray) -> np.ndarray:

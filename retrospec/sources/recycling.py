@@ -1,0 +1,229 @@
+"""Token Recycling: the model's own past top-k predictions, as a V × k adjacency matrix.
+
+Every verification computes the model's next-token distribution at every tree node, and
+plain decoding throws all but one token of it away. Token Recycling (Luo et al., 2024)
+keeps the top-k: row ``t`` of the matrix holds the k most likely tokens the model last
+predicted after token ``t``. A draft is a breadth-first walk of a static tree template from
+the last committed token: a template node ``(r1, r2, ...)`` is the ``r1``-th candidate of
+the root, then the ``r2``-th candidate of that token, and so on.
+
+After each verification, the rows of *all* verified tokens (rejected branches included)
+are overwritten with the top-k of their logits; the accepted path is written last, so its
+fresher evidence wins. The matrix is kept across requests (``save``/``load``), and several
+requests may share one source: a stale or racy row only makes a draft worse, never the
+output different.
+
+>>> rec = TokenRecycling(vocab_size=10, k=2, template=((0,), (1,), (0, 0)))
+>>> rec.matrix[3] = [4, 5]; rec.matrix[4] = [6, 7]
+>>> rec.start_request(np.array([1, 3])).propose(np.array([1, 3]), 8, 4).paths()
+[[5], [4, 6]]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from retrospec.sources.base import Verified
+from retrospec.tree import ROOT, DraftTree
+
+FORMAT_VERSION = 1
+EMPTY = -1
+"""A matrix entry with no candidate yet."""
+
+
+def _level(parents: list[tuple[int, ...]], ranks_by_parent: Sequence[int]) -> list[tuple[int, ...]]:
+    """Children of ``parents`` (in order): parent ``i`` gets ranks ``0 .. ranks_by_parent[i]-1``."""
+    return [p + (r,) for p, n in zip(parents, ranks_by_parent) for r in range(n)]
+
+
+def _reference_template() -> tuple[tuple[int, ...], ...]:
+    """The 80-node, depth-6 tree of the Token Recycling paper, as rank paths (BFS order).
+
+    Level sizes 8, 21, 25, 15, 8, 3; each level lists how many candidates each node of the
+    previous level expands (earlier, likelier nodes expand more).
+    """
+    levels = [[()]]
+    fanouts = [
+        [8],
+        [8, 4, 3, 2, 1, 1, 1, 1],
+        [8, 3, 2, 1, 1, 1, 1, 1, 2, 1, 0, 0, 1, 0, 0, 1, 0, 1, 1, 0, 0],
+        [5, 2, 1, 1, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 0, 0],
+        [3, 1, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0, 1, 0, 0],
+        [2, 0, 0, 1, 0, 0, 0, 0],
+    ]
+    for fanout in fanouts:
+        levels.append(_level(levels[-1], fanout))
+    return tuple(path for level in levels[1:] for path in level)
+
+
+REFERENCE_TEMPLATE = _reference_template()
+RANK_PRIOR = (0.45, 0.14, 0.08, 0.05, 0.04, 0.03, 0.025, 0.02)
+"""Raw conditional score of the r-th candidate before calibration has seen any outcome."""
+
+
+def model_fingerprint(model) -> str:
+    """A short id of a model's vocabulary and output embeddings (dtype-independent)."""
+    import torch
+
+    head = model.get_output_embeddings().weight
+    sample = head[:8, :64].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
+    return hashlib.sha256(sample + str(head.shape[0]).encode()).hexdigest()[:16]
+
+
+class TokenRecycling:
+    """The Token Recycling source (see the module docstring).
+
+    Args:
+        vocab_size: rows of the matrix (the model's vocabulary size).
+        k: candidates kept per token.
+        template: rank paths of the draft tree, parents before children; default the paper's
+            80-node tree.
+        fingerprint: id of the model the matrix belongs to (checked by ``load``).
+    """
+
+    name = "recycling"
+
+    def __init__(self, vocab_size: int, k: int = 8, template: Sequence[Sequence[int]] | None = None, fingerprint: str = ""):
+        if vocab_size < 1 or k < 1:
+            raise ValueError(f"vocab_size and k must be >= 1, got {vocab_size}, {k}")
+        template = tuple(tuple(int(r) for r in p) for p in (template or REFERENCE_TEMPLATE))
+        seen = set()
+        for path in template:
+            if not path or max(path) >= k or min(path) < 0:
+                raise ValueError(f"template path {path} needs ranks in [0, {k})")
+            if path[:-1] and path[:-1] not in seen:
+                raise ValueError(f"template path {path} comes before its parent {path[:-1]}")
+            seen.add(path)
+        self.k = k
+        self.topk_wanted = k
+        self.template = template
+        self.fingerprint = fingerprint
+        self.matrix = np.full((vocab_size, k), EMPTY, np.int32)
+        # template as flat arrays: each node's template parent and rank
+        index = {path: i for i, path in enumerate(template)}
+        self._parent = np.array([index[p[:-1]] if len(p) > 1 else ROOT for p in template], np.int64)
+        self._rank = np.array([p[-1] for p in template], np.int64)
+        prior = np.array(RANK_PRIOR + (RANK_PRIOR[-1],) * max(0, k - len(RANK_PRIOR)), np.float32)
+        self._conditional = prior[self._rank]
+
+    @classmethod
+    def for_model(cls, model, k: int = 8, template=None) -> "TokenRecycling":
+        """An empty matrix sized and fingerprinted for ``model``."""
+        vocab = model.get_output_embeddings().weight.shape[0]
+        return cls(vocab, k, template, fingerprint=model_fingerprint(model))
+
+    # -- drafting ---------------------------------------------------------------------
+    def draft(self, root_token: int, max_nodes: int, max_depth: int) -> DraftTree:
+        """BFS over the template from ``root_token``; nodes without a candidate are skipped
+        together with their subtrees."""
+        n = len(self.template)
+        tokens = np.empty(n, np.int64)
+        alive = np.zeros(n, bool)
+        depth = np.zeros(n, np.int64)
+        matrix = self.matrix
+        for i in range(n):  # template order is BFS: parents first
+            parent = self._parent[i]
+            if parent == ROOT:
+                source, depth[i] = root_token, 1
+            elif alive[parent]:
+                source, depth[i] = tokens[parent], depth[parent] + 1
+            else:
+                continue
+            token = matrix[source, self._rank[i]] if 0 <= source < matrix.shape[0] else EMPTY
+            if token != EMPTY and depth[i] <= max_depth:
+                tokens[i], alive[i] = token, True
+        # BFS order: a parent precedes its children, so the first max_nodes live nodes are prefix-closed
+        keep = np.flatnonzero(alive)[:max_nodes]
+        if keep.size == 0:
+            return DraftTree.empty()
+        remap = np.full(n, ROOT, np.int64)
+        remap[keep] = np.arange(keep.size)
+        parents = self._parent[keep]
+        parents = np.where(parents == ROOT, ROOT, remap[np.maximum(parents, 0)]).astype(np.int32)
+        return self._tree(keep, parents, tokens[keep])
+
+    def _tree(self, keep: np.ndarray, parents: np.ndarray, tokens: np.ndarray) -> DraftTree:
+        scores = self._conditional[keep].copy()
+        for j, p in enumerate(parents.tolist()):
+            if p != ROOT:
+                scores[j] *= scores[p]
+        return DraftTree(tokens, parents, scores, np.ones(keep.size, np.uint32)).with_monotone_scores()
+
+    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "RecyclingSession":
+        return RecyclingSession(self)
+
+    # -- learning ---------------------------------------------------------------------
+    def update(self, slot_tokens: np.ndarray, topk: np.ndarray, accepted_slots: np.ndarray | None = None) -> None:
+        """Overwrite the rows of the verified tokens with the top-k predicted after them.
+
+        ``topk`` is ``[N+1, >=k]``; rows of tokens on the accepted path are written last.
+        """
+        order = np.arange(slot_tokens.shape[0])
+        if accepted_slots is not None and accepted_slots.size:
+            on_path = np.zeros(order.shape[0], bool)
+            on_path[accepted_slots] = True
+            order = np.concatenate([order[~on_path], order[on_path]])
+        tokens = slot_tokens[order]
+        valid = (tokens >= 0) & (tokens < self.matrix.shape[0])
+        # numpy assigns repeated indices in order: the last write of a row wins
+        self.matrix[tokens[valid]] = topk[order[valid], : self.k]
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the matrix as a versioned ``.npz`` (atomically; no pickle)."""
+        meta = {"format_version": FORMAT_VERSION, "k": self.k, "vocab_size": int(self.matrix.shape[0]),
+                "fingerprint": self.fingerprint, "template": [list(p) for p in self.template]}
+        buf = io.BytesIO()
+        np.savez(buf, matrix=self.matrix, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> "TokenRecycling":
+        """Read a matrix written by :meth:`save`; with ``model``, refuse one made for another model."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["meta"]).decode())
+                matrix = np.array(data["matrix"])
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{path}: not a readable Token Recycling file ({err})") from None
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path}: format version {meta.get('format_version')} is newer than this retrospec reads ({FORMAT_VERSION})")
+        if matrix.shape != (meta["vocab_size"], meta["k"]) or matrix.dtype != np.int32:
+            raise ValueError(f"{path}: matrix is {matrix.dtype}{list(matrix.shape)}, the header says int32[{meta['vocab_size']}, {meta['k']}]")
+        rec = cls(meta["vocab_size"], meta["k"], meta["template"], fingerprint=meta["fingerprint"])
+        if model is not None:
+            expected = model_fingerprint(model)
+            if meta["fingerprint"] and meta["fingerprint"] != expected:
+                raise ValueError(f"{path}: made for another model (fingerprint {meta['fingerprint']}, this model {expected})")
+        rec.matrix[:] = matrix
+        return rec
+
+
+class RecyclingSession:
+    """A request's view: drafts from the shared matrix, feeds verified logits back into it."""
+
+    def __init__(self, source: TokenRecycling):
+        self.source = source
+
+    def propose(self, context: np.ndarray, max_nodes: int, max_depth: int) -> DraftTree:
+        if context.shape[0] == 0:
+            return DraftTree.empty()
+        return self.source.draft(int(context[-1]), max_nodes, max_depth)
+
+    def observe(self, step: Verified) -> None:
+        if step.topk is not None:
+            self.source.update(step.slot_tokens, step.topk, step.accepted_slots)
