@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -111,9 +110,13 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure_step_cost(
-    model, *, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 256, repeats: int = 3
+    model, *, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 256, repeats: int = 5
 ) -> StepCost:
-    """Time one forward of each size in ``sizes`` behind ``context`` cached tokens."""
+    """Time one forward of each size in ``sizes`` behind ``context`` cached tokens.
+
+    Takes the fastest of ``repeats`` runs: interference from other processes only ever
+    adds time, so the minimum is the most repeatable estimate of the model's own cost.
+    """
     from retrospec.kvcache import new_cache  # local: kvcache imports heavy transformers bits
 
     device = next(model.parameters()).device
@@ -138,7 +141,7 @@ def measure_step_cost(
             _sync(device)
             times.append(time.perf_counter() - start)
             cache.crop(-n)
-        seconds.append(statistics.median(times[1:]))
+        seconds.append(min(times[1:]))
     return StepCost(sizes=tuple(sizes), seconds=tuple(seconds), context=context, device=str(device))
 
 

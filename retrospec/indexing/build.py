@@ -1,0 +1,308 @@
+"""Building suffix indexes: tokenize documents, write shards, publish atomically.
+
+Documents are tokenized in batches and cut into shards of at most ``shard_tokens``
+tokens (so each suffix-array construction stays within memory, and shards are the unit a
+distributed build produces). For each shard:
+
+1. concatenate its documents, each followed by a separator;
+2. map token ids to the shard's own dense vocabulary (uint16 when it has < 65,535
+   distinct tokens, as corpora almost always do — the separator is the dtype's largest
+   value), so a corpus in a 151k-token vocabulary still takes 2 bytes per token;
+3. build the suffix array with libdivsufsort (``pydivsufsort``);
+4. write ``tokens.bin``, ``sa.bin`` and ``vocab.bin`` raw, with sizes and checksums in the manifest.
+
+Everything is written into a temporary directory beside ``--out`` and renamed into place at
+the end: an interrupted build leaves any previous index untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retrospec.indexing.corpus import CorpusError, Document, ReadOptions, iter_documents
+from retrospec.indexing.store import (
+    IndexFormatError,
+    check_tokenizer,
+    now,
+    publish,
+    read_manifest,
+    save_array,
+    temp_dir_beside,
+    tokenizer_identity,
+    write_manifest,
+)
+from retrospec.sources.suffix_index import FORMAT, FORMAT_VERSION
+
+log = logging.getLogger(__name__)
+
+DOCS_DB = "docs.sqlite"
+MAX_SHARD_TOKENS = (1 << 30) - 1  # int32 suffix arrays over the 2-byte encoding
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Settings of an index build."""
+
+    shard_tokens: int = 1 << 28
+    """Most tokens per shard (each shard is one suffix array)."""
+    shard_per_input: bool = False
+    """Start a new shard for every input file."""
+    batch_docs: int = 512
+    """Documents tokenized per batch."""
+    add_eos: bool = False
+    """Append the tokenizer's EOS token to every document."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shard_tokens <= MAX_SHARD_TOKENS:
+            raise ValueError(f"shard_tokens must be in [1, {MAX_SHARD_TOKENS}], got {self.shard_tokens}")
+        if self.batch_docs < 1:
+            raise ValueError(f"batch_docs must be >= 1, got {self.batch_docs}")
+
+
+@dataclass
+class BuildReport:
+    """What a build did, with its throughput split into tokenization and indexing."""
+
+    path: str = ""
+    documents: int = 0
+    tokens: int = 0
+    shards: int = 0
+    bytes: int = 0
+    tokenize_seconds: float = 0.0
+    index_seconds: float = 0.0
+    shard_names: list[str] = field(default_factory=list)
+
+    @property
+    def index_tokens_per_second(self) -> float:
+        return self.tokens / self.index_seconds if self.index_seconds else 0.0
+
+    @property
+    def tokenize_tokens_per_second(self) -> float:
+        return self.tokens / self.tokenize_seconds if self.tokenize_seconds else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.documents:,} documents, {self.tokens:,} tokens in {self.shards} shard(s); "
+            f"tokenization {self.tokenize_seconds:.1f}s ({self.tokenize_tokens_per_second / 1e6:.2f}M tok/s), "
+            f"indexing {self.index_seconds:.1f}s ({self.index_tokens_per_second / 1e6:.2f}M tok/s); "
+            f"{self.bytes / 1e6:.1f} MB, {self.bytes_per_token:.2f} bytes/token"
+        )
+
+
+def suffix_array(tokens: np.ndarray) -> np.ndarray:
+    """The suffix array of a uint16/uint32 token array (libdivsufsort)."""
+    from pydivsufsort import divsufsort
+
+    if tokens.shape[0] == 0:
+        return np.zeros(0, np.int32)
+    sa = divsufsort(tokens)
+    return sa.astype(np.int32 if tokens.shape[0] < (1 << 31) else np.int64, copy=False)
+
+
+def write_shard(root: Path, name: str, docs: list[np.ndarray]) -> tuple[dict, list[tuple[int, int]]]:
+    """Write one shard from documents' global token ids; return its manifest entry and each
+    document's ``(start, length)`` inside the shard."""
+    lengths = np.fromiter((d.shape[0] for d in docs), np.int64, len(docs))
+    flat = np.concatenate(docs) if docs else np.zeros(0, np.int64)
+    vocab = np.unique(flat).astype(np.uint32)
+    dtype = np.uint16 if vocab.shape[0] < np.iinfo(np.uint16).max else np.uint32
+    sep = int(np.iinfo(dtype).max)
+    local = np.empty(flat.shape[0] + len(docs), dtype)
+    ends = np.cumsum(lengths + 1)  # each document is followed by a separator
+    starts = ends - lengths - 1
+    is_sep = np.zeros(local.shape[0], bool)
+    is_sep[ends - 1] = True
+    local[is_sep] = sep
+    local[~is_sep] = np.searchsorted(vocab, flat).astype(dtype)
+    sa = suffix_array(local)
+    files = {
+        f"{name}/tokens.bin": save_array(root, f"{name}/tokens.bin", local),
+        f"{name}/sa.bin": save_array(root, f"{name}/sa.bin", sa),
+        f"{name}/vocab.bin": save_array(root, f"{name}/vocab.bin", vocab),
+    }
+    entry = {"name": name, "tokens": int(flat.shape[0]), "documents": len(docs), "sep": sep, "files": files}
+    return entry, list(zip(starts.tolist(), lengths.tolist()))
+
+
+class _ShardWriter:
+    def __init__(self, root: Path, options: BuildOptions, first_index: int, report: BuildReport):
+        self.root, self.options, self.report = root, options, report
+        self.next_index = first_index
+        self.docs: list[np.ndarray] = []
+        self.meta: list[Document] = []
+        self.count = 0
+        self.entries: list[dict] = []
+        self.rows: list[dict] = []
+
+    def add(self, ids: np.ndarray, doc: Document) -> None:
+        if self.count and self.count + ids.shape[0] > self.options.shard_tokens:
+            self.flush()
+        self.docs.append(ids)
+        self.meta.append(doc)
+        self.count += ids.shape[0]
+
+    def flush(self) -> None:
+        if not self.docs:
+            return
+        name = f"shard-{self.next_index:05d}"
+        self.next_index += 1
+        start = time.perf_counter()
+        entry, spans = write_shard(self.root, name, self.docs)
+        self.report.index_seconds += time.perf_counter() - start
+        self.entries.append(entry)
+        for (offset, length), doc in zip(spans, self.meta):
+            self.rows.append({"shard": name, "start": offset, "length": length, "source": doc.source,
+                              "meta": doc.meta or None})
+        log.info("index: %s: %d documents, %d tokens", name, len(self.docs), entry["tokens"])
+        self.docs, self.meta, self.count = [], [], 0
+
+
+def _tokenize(tokenizer, texts: list[str], add_eos: bool) -> list[np.ndarray]:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    return [np.asarray(x + eos, np.int64) for x in ids]
+
+
+def build_index(
+    inputs: list[str | Path],
+    tokenizer,
+    out: str | Path,
+    options: BuildOptions = BuildOptions(),
+    read: ReadOptions = ReadOptions(),
+    *,
+    append: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Build (or, with ``append``, extend) the suffix index at ``out`` from ``inputs``."""
+    import sqlite_utils
+
+    out = Path(out)
+    if not inputs:
+        raise CorpusError("no inputs given")
+    previous = None
+    if append and out.exists():
+        previous = read_manifest(out, FORMAT, FORMAT_VERSION)
+        check_tokenizer(previous, tokenizer)
+    report = BuildReport(path=str(out))
+    tmp = temp_dir_beside(out)
+    try:
+        old_shards = previous.data["shards"] if previous else []
+        writer = _ShardWriter(tmp, options, len(old_shards), report)
+        bar = tqdm(desc="index build", unit="tok", unit_scale=True, disable=not progress)
+        for item in inputs:
+            batch: list[Document] = []
+
+            def drain() -> None:
+                start = time.perf_counter()
+                token_lists = _tokenize(tokenizer, [d.text for d in batch], options.add_eos)
+                report.tokenize_seconds += time.perf_counter() - start
+                for ids, doc in zip(token_lists, batch):
+                    if ids.shape[0]:
+                        writer.add(ids, doc)
+                        report.documents += 1
+                        report.tokens += ids.shape[0]
+                        bar.update(ids.shape[0])
+                batch.clear()
+
+            for doc in iter_documents([item], read, tokenizer):
+                batch.append(doc)
+                if len(batch) >= options.batch_docs:
+                    drain()
+            drain()
+            if options.shard_per_input:
+                writer.flush()
+        writer.flush()
+        bar.close()
+        if report.tokens == 0:
+            raise CorpusError(f"the inputs hold no text to index: {', '.join(map(str, inputs))}")
+        # carry the previous shards over (hard links: no copy of the bytes)
+        for entry in old_shards:
+            _link_tree(out / entry["name"], tmp / entry["name"])
+        db = sqlite_utils.Database(tmp / DOCS_DB)
+        if previous is not None and (out / DOCS_DB).exists():
+            shutil.copyfile(out / DOCS_DB, tmp / DOCS_DB)
+            db = sqlite_utils.Database(tmp / DOCS_DB)
+        db["documents"].insert_all(writer.rows, alter=True, batch_size=10_000)
+        shards = old_shards + writer.entries
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tokenizer": tokenizer_identity(tokenizer),
+            "tokens": sum(s["tokens"] for s in shards),
+            "documents": sum(s["documents"] for s in shards),
+            "shards": shards,
+            "build": {**asdict(options), **asdict(read), "inputs": [str(i) for i in inputs], "appended_to": bool(previous)},
+            "created": now(),
+        }
+        write_manifest(tmp, manifest)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.shards = len(writer.entries)
+    report.shard_names = [e["name"] for e in writer.entries]
+    report.bytes = sum(f["bytes"] for e in writer.entries for f in e["files"].values())
+    return report
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for file in src.iterdir():
+        try:
+            os.link(file, dst / file.name)
+        except OSError:
+            shutil.copy2(file, dst / file.name)
+
+
+def merge_indexes(inputs: list[str | Path], out: str | Path) -> dict:
+    """Join several indexes built with the same tokenizer into one (their shards side by side)."""
+    import sqlite_utils
+
+    manifests = [read_manifest(p, FORMAT, FORMAT_VERSION) for p in inputs]
+    if len(manifests) < 2:
+        raise ValueError("index merge needs at least two input indexes")
+    fingerprints = {m.data["tokenizer"]["fingerprint"] for m in manifests}
+    if len(fingerprints) != 1:
+        raise IndexFormatError(f"cannot merge indexes built with different tokenizers: {sorted(fingerprints)}")
+    out = Path(out)
+    tmp = temp_dir_beside(out)
+    try:
+        shards, rows = [], []
+        for m in manifests:
+            for entry in m.data["shards"]:
+                name = f"shard-{len(shards):05d}"
+                _link_tree(m.root / entry["name"], tmp / name)
+                renamed = dict(entry, name=name, files={f"{name}/{k.rsplit('/', 1)[-1]}": v for k, v in entry["files"].items()})
+                shards.append(renamed)
+                if (m.root / DOCS_DB).exists():
+                    for row in sqlite_utils.Database(m.root / DOCS_DB)["documents"].rows_where("shard = ?", [entry["name"]]):
+                        row = dict(row, shard=name)
+                        row.pop("rowid", None)
+                        rows.append(row)
+        sqlite_utils.Database(tmp / DOCS_DB)["documents"].insert_all(rows, alter=True, batch_size=10_000)
+        manifest = dict(manifests[0].data)
+        manifest.update({
+            "shards": shards,
+            "tokens": sum(s["tokens"] for s in shards),
+            "documents": sum(s["documents"] for s in shards),
+            "build": {"merged_from": [str(m.root) for m in manifests]},
+            "created": now(),
+        })
+        write_manifest(tmp, manifest)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"path": str(out), "shards": len(shards), "tokens": manifest["tokens"], "documents": manifest["documents"]}

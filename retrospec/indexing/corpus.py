@@ -1,0 +1,118 @@
+"""Reading corpora into documents: JSONL (plain or ShareGPT chats), text files, source trees.
+
+Each document is ``(text, source, meta)``. Chats can be rendered with the model's chat
+template, so the index holds them exactly as the model sees conversations.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+DEFAULT_TREE_GLOBS = ("*.py", "*.md", "*.txt", "*.rst", "*.c", "*.h", "*.cpp", "*.js", "*.ts", "*.java", "*.go", "*.rs")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bing": "assistant",
+         "chatgpt": "assistant", "bard": "assistant", "system": "system"}
+
+
+class CorpusError(ValueError):
+    """An input cannot be read as a corpus."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str
+    meta: dict
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    field: str = "text"
+    """JSONL field holding the text."""
+    chat_template: bool = False
+    """Render chat records (``conversations``/``messages``) with the tokenizer's chat template."""
+    globs: tuple[str, ...] = DEFAULT_TREE_GLOBS
+    """File patterns taken from directories."""
+
+
+def _messages(record: dict) -> list[dict] | None:
+    turns = record.get("conversations") or record.get("messages")
+    if not isinstance(turns, list):
+        return None
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return None
+        role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        content = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(content, str):
+            continue
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _render_chat(messages: list[dict], tokenizer, use_template: bool) -> str:
+    if use_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise CorpusError(f"--chat-template: tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def _read_jsonl(path: Path, options: ReadOptions, tokenizer) -> Iterator[Document]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CorpusError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise CorpusError(f"{path}:{line_no}: expected a JSON object")
+                text = record.get(options.field)
+                if not isinstance(text, str):
+                    messages = _messages(record)
+                    if messages is None:
+                        raise CorpusError(
+                            f"{path}:{line_no}: no text field {options.field!r} and no chat "
+                            f"('conversations'/'messages'); use --field to name the text field"
+                        )
+                    text = _render_chat(messages, tokenizer, options.chat_template)
+                yield Document(text, f"{path.name}:{line_no}", {"id": record.get("id")} if "id" in record else {})
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise CorpusError(f"{path}: unreadable ({err})") from None
+
+
+def _read_text(path: Path) -> Document:
+    try:
+        return Document(path.read_text(encoding="utf-8"), str(path), {})
+    except (OSError, UnicodeDecodeError) as err:
+        raise CorpusError(f"{path}: unreadable ({err})") from None
+
+
+def iter_documents(inputs: list[str | Path], options: ReadOptions = ReadOptions(), tokenizer=None) -> Iterator[Document]:
+    """Documents of every input, in order: JSONL(.gz) records, text files, or directory trees."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted({p for g in options.globs for p in path.rglob(g) if p.is_file()})
+            if not files:
+                raise CorpusError(f"{path}: no files matching {', '.join(options.globs)}")
+            for file in files:
+                yield _read_text(file)
+        elif not path.exists():
+            raise CorpusError(f"{path}: no such file or directory")
+        elif path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
+            yield from _read_jsonl(path, options, tokenizer)
+        else:
+            yield _read_text(path)

@@ -1,0 +1,389 @@
+"""The n-gram suffix index: continuations of the context's suffix in an offline corpus.
+
+REST (He et al., 2023) showed that a datastore of past conversations or code, searched by
+the longest suffix of the current context, drafts well where the prompt alone does not.
+Here the datastore is a token suffix array per shard, memory-mapped from disk, so
+resident memory does not grow with the corpus and opening an index is O(1).
+
+One query (all in numba, on the memory-mapped arrays):
+
+1. map the last ``max_ngram`` context tokens to the shard's own vocabulary (a corpus rarely
+   uses more than 65,535 distinct tokens, so tokens are stored as uint16 and a suffix array
+   entry as int32: 6 bytes per token — any vocabulary size works, larger corpora
+   vocabularies fall back to uint32);
+2. find the longest suffix ``m`` that occurs, by binary search over ``m`` (occurrence is
+   monotone in ``m``), each test a binary search of the suffix array;
+3. sample up to ``max_matches`` occurrences evenly across the suffix-array range (so
+   frequent continuations are sampled in proportion to their counts), read the tokens
+   after each up to a document separator, sort them and merge them into a trie with counts;
+4. score each node by its count share times a confidence growing with ``m``.
+
+Tokens from different documents are separated by a reserved value no query can contain,
+so no match and no continuation crosses a document boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numba
+import numpy as np
+
+from retrospec.indexing.store import (
+    IndexFormatError,
+    check_files,
+    check_tokenizer,
+    open_array,
+    read_manifest,
+)
+from retrospec.sources.base import Verified
+from retrospec.tree import DraftTree, prune
+
+log = logging.getLogger(__name__)
+
+FORMAT = "retrospec-suffix-index"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SuffixConfig:
+    """Query settings of :class:`SuffixIndex`."""
+
+    max_ngram: int = 12
+    """Longest context suffix looked up."""
+    min_ngram: int = 2
+    """Shortest suffix that may anchor a draft (1-token matches mostly add noise)."""
+    max_matches: int = 64
+    """Occurrences sampled per query."""
+    max_depth: int = 12
+    """Longest continuation read after an occurrence."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
+        if self.max_matches < 1 or self.max_depth < 1:
+            raise ValueError(f"max_matches and max_depth must be >= 1, got {self.max_matches}, {self.max_depth}")
+
+
+# --------------------------------------------------------------------------- numba kernels
+@numba.njit(cache=True, nogil=True)
+def _compare(tokens, start, pattern, m):
+    """Order of the suffix at ``start`` against ``pattern[:m]``: -1 below, 0 prefix match, 1 above."""
+    n = tokens.shape[0]
+    for j in range(m):
+        if start + j >= n:
+            return -1  # the suffix ended first: it sorts below
+        a = np.int64(tokens[start + j])
+        b = pattern[j]
+        if a < b:
+            return -1
+        if a > b:
+            return 1
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def sa_range(tokens, sa, pattern, m):
+    """``[lo, hi)``: the suffix-array rows whose suffix starts with ``pattern[:m]``.
+
+    Invariant: ``sa`` sorts the suffixes of ``tokens``, so those rows are contiguous.
+    """
+    lo, hi = 0, sa.shape[0]
+    while lo < hi:  # first row not below the pattern
+        mid = (lo + hi) // 2
+        if _compare(tokens, sa[mid], pattern, m) < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    first = lo
+    hi = sa.shape[0]
+    while lo < hi:  # first row above it
+        mid = (lo + hi) // 2
+        if _compare(tokens, sa[mid], pattern, m) <= 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return first, lo
+
+
+@numba.njit(cache=True, nogil=True)
+def longest_suffix(tokens, sa, context, max_m):
+    """Largest ``m <= max_m`` such that ``context[-m:]`` occurs, with its row range.
+
+    ``context`` holds local token ids, ``-1`` for tokens the shard never saw. Returns
+    ``(0, 0, 0)`` when not even the last token occurs.
+    """
+    n = context.shape[0]
+    limit = 0
+    while limit < min(max_m, n) and context[n - 1 - limit] >= 0:
+        limit += 1
+    lo_m, hi_m = 0, limit
+    best_lo, best_hi = 0, 0
+    while lo_m < hi_m:  # occurrence is monotone in m: binary search the longest
+        mid = (lo_m + hi_m + 1) // 2
+        a, b = sa_range(tokens, sa, context[n - mid :], mid)
+        if b > a:
+            lo_m, best_lo, best_hi = mid, a, b
+        else:
+            hi_m = mid - 1
+    return lo_m, best_lo, best_hi
+
+
+@numba.njit(cache=True, nogil=True)
+def gather(tokens, sa, lo, hi, m, take, depth, sep, out, row0):
+    """Write the continuations of ``take`` occurrences, evenly spaced over rows ``[lo, hi)``,
+    into ``out[row0 : row0 + take]`` (``-1`` padded, cut at ``sep``); return rows written."""
+    count = hi - lo
+    if take > count:
+        take = count
+    n = tokens.shape[0]
+    for i in range(take):
+        row = lo + (i * count) // take
+        pos = sa[row] + m
+        for d in range(depth):
+            if pos + d >= n:
+                break
+            t = tokens[pos + d]
+            if t == sep:
+                break
+            out[row0 + i, d] = t
+    return take
+
+
+@numba.njit(cache=True, nogil=True)
+def trie_from_sorted(rows):
+    """Merge lexicographically sorted, ``-1``-padded rows into a trie.
+
+    Returns ``(tokens, parents, counts, n_nodes, n_rows_with_a_token)``; nodes come in DFS
+    order, so parents precede children.
+    """
+    r_count, depth = rows.shape
+    cap = r_count * depth
+    tokens = np.empty(cap, np.int64)
+    parents = np.empty(cap, np.int64)
+    counts = np.zeros(cap, np.int64)
+    path = np.full(depth, -1, np.int64)
+    n_nodes = 0
+    total = 0
+    for r in range(r_count):
+        if rows[r, 0] < 0:
+            continue
+        total += 1
+        lcp = 0
+        if r > 0:
+            while lcp < depth and rows[r, lcp] >= 0 and rows[r, lcp] == rows[r - 1, lcp]:
+                lcp += 1
+        for d in range(depth):
+            t = rows[r, d]
+            if t < 0:
+                break
+            if d < lcp:
+                counts[path[d]] += 1
+            else:
+                tokens[n_nodes] = t
+                parents[n_nodes] = path[d - 1] if d > 0 else -1
+                counts[n_nodes] = 1
+                path[d] = n_nodes
+                n_nodes += 1
+    return tokens, parents, counts, n_nodes, total
+
+
+# --------------------------------------------------------------------------- the index
+@dataclass
+class Shard:
+    """One suffix array over part of the corpus."""
+
+    name: str
+    tokens: np.ndarray  # local ids (uint16 or uint32), documents separated by `sep`
+    sa: np.ndarray  # int32 or int64 suffix array of `tokens`
+    vocab: np.ndarray  # uint32: global token id of each local id (sorted)
+    sep: int
+
+    def local(self, ids: np.ndarray) -> np.ndarray:
+        """Global ids -> local ids, ``-1`` where the shard never saw the token."""
+        pos = np.searchsorted(self.vocab, ids)
+        pos = np.minimum(pos, self.vocab.shape[0] - 1)
+        return np.where(self.vocab[pos] == ids, pos, -1).astype(np.int64)
+
+
+def trie_scores(parents: np.ndarray, counts: np.ndarray, total: int, root_conf: float, decay: float) -> np.ndarray:
+    """Path scores: a node's count over its parent's (+1 smoothing), times ``root_conf`` at
+    depth 1 and ``decay`` below, multiplied down the path."""
+    parent_counts = np.where(parents < 0, total, counts[np.maximum(parents, 0)]).astype(np.float64)
+    conditional = counts / (parent_counts + 1.0) * np.where(parents < 0, root_conf, decay)
+    scores = conditional.astype(np.float32)
+    for i, p in enumerate(parents.tolist()):
+        if p >= 0:
+            scores[i] *= scores[p]
+    return scores
+
+
+class SuffixIndex:
+    """A read-only, memory-mapped corpus index usable as a draft source.
+
+    Open one with :meth:`open`; build one with ``retrospec index build`` or
+    :func:`retrospec.indexing.build.build_index`.
+    """
+
+    name = "suffix-index"
+    topk_wanted = 0
+
+    def __init__(self, root: Path, manifest: dict, shards: list[Shard], config: SuffixConfig):
+        self.root, self.manifest, self.shards, self.config = root, manifest, shards, config
+
+    @classmethod
+    def open(cls, root: str | Path, tokenizer=None, config: SuffixConfig | None = None) -> "SuffixIndex":
+        """Open an index directory in O(1): manifest, sizes and edge checksums are checked,
+        arrays are memory-mapped. With ``tokenizer``, refuse an index built with another."""
+        manifest = read_manifest(root, FORMAT, FORMAT_VERSION)
+        root = manifest.root
+        if tokenizer is not None:
+            check_tokenizer(manifest, tokenizer)
+        shards = []
+        for entry in manifest.data["shards"]:
+            files = entry["files"]
+            check_files(root, files)
+            names = {k.rsplit("/", 1)[-1]: k for k in files}
+            arrays = {short: open_array(root, full, files[full]) for short, full in names.items()}
+            shard = Shard(entry["name"], arrays["tokens.bin"], arrays["sa.bin"], arrays["vocab.bin"], int(entry["sep"]))
+            _spot_check(root / entry["name"], shard)
+            shards.append(shard)
+        if not shards:
+            raise IndexFormatError(f"{root}: the index has no shards")
+        return cls(root, manifest.data, shards, config or SuffixConfig())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["tokens"])
+
+    @property
+    def n_documents(self) -> int:
+        return int(self.manifest["documents"])
+
+    def query(self, context: np.ndarray, max_nodes: int = 64, max_depth: int | None = None) -> DraftTree:
+        """The draft tree for the tokens after ``context`` (global token ids)."""
+        cfg = self.config
+        depth = min(cfg.max_depth, max_depth if max_depth is not None else cfg.max_depth)
+        if depth <= 0 or max_nodes <= 0 or context.shape[0] == 0:
+            return DraftTree.empty()
+        tail = np.asarray(context[-cfg.max_ngram :], np.int64)
+        found = []
+        for shard in self.shards:
+            m, lo, hi = longest_suffix(shard.tokens, shard.sa, shard.local(tail), cfg.max_ngram)
+            if m >= cfg.min_ngram:
+                found.append((m, lo, hi, shard))
+        if not found:
+            return DraftTree.empty()
+        best = max(f[0] for f in found)
+        found = [f for f in found if f[0] == best]
+        total = sum(hi - lo for _, lo, hi, _ in found)
+        rows = np.full((cfg.max_matches + len(found), depth), -1, np.int64)
+        used = 0
+        for m, lo, hi, shard in found:
+            take = max(1, (cfg.max_matches * (hi - lo)) // total)
+            start = used
+            used += gather(shard.tokens, shard.sa, lo, hi, m, take, depth, shard.sep, rows, used)
+            block = rows[start:used]
+            valid = block >= 0
+            block[valid] = shard.vocab[block[valid]]  # back to global ids
+        rows = rows[:used]
+        if len(found) > 1:  # rows of different shards: restore one lexicographic order
+            rows = rows[np.lexsort(rows.T[::-1])]
+        tokens, parents, counts, n, total_rows = trie_from_sorted(rows)
+        if n == 0:
+            return DraftTree.empty()
+        tokens, parents, counts = tokens[:n], parents[:n], counts[:n]
+        scores = trie_scores(parents, counts, total_rows, root_conf=best / (best + 1.0), decay=0.95)
+        tree = DraftTree(tokens, parents.astype(np.int32), scores, np.ones(n, np.uint32)).with_monotone_scores()
+        return prune(tree, max_nodes)
+
+    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "SuffixIndexSession":
+        return SuffixIndexSession(self)
+
+    def describe(self) -> dict:
+        """Counts and build facts, for ``retrospec index info``."""
+        m = self.manifest
+        return {
+            "path": str(self.root),
+            "format_version": m["format_version"],
+            "tokenizer": m["tokenizer"],
+            "tokens": m["tokens"],
+            "documents": m["documents"],
+            "shards": len(self.shards),
+            "bytes": sum(f["bytes"] for s in m["shards"] for f in s["files"].values()),
+            "bytes_per_token": round(sum(f["bytes"] for s in m["shards"] for f in s["files"].values()) / max(m["tokens"], 1), 3),
+            "build": m.get("build", {}),
+            "created": m.get("created"),
+        }
+
+
+class SuffixIndexSession:
+    """The index holds no per-request state."""
+
+    def __init__(self, index: SuffixIndex):
+        self.index = index
+
+    def propose(self, context: np.ndarray, max_nodes: int, max_depth: int) -> DraftTree:
+        return self.index.query(context, max_nodes, max_depth)
+
+    def observe(self, step: Verified) -> None:
+        """Read-only datastore: nothing to learn."""
+
+
+def _spot_check(path: Path, shard: Shard, samples: int = 16) -> None:
+    """O(1) structural checks: suffix-array entries in range and locally sorted."""
+    n = shard.tokens.shape[0]
+    if shard.sa.shape[0] != n:
+        raise IndexFormatError(f"{path}: suffix array has {shard.sa.shape[0]} entries for {n} tokens")
+    if n < 2:
+        return
+    rows = np.linspace(0, n - 2, num=min(samples, n - 1)).astype(np.int64)
+    for row in rows.tolist():
+        a, b = int(shard.sa[row]), int(shard.sa[row + 1])
+        if not (0 <= a < n and 0 <= b < n):
+            raise IndexFormatError(f"{path}: suffix array entry out of range at row {row} (corrupted)")
+        width = min(32, n - a, n - b)
+        x, y = shard.tokens[a : a + width], shard.tokens[b : b + width]
+        diff = np.flatnonzero(x != y)
+        if diff.size and x[diff[0]] > y[diff[0]]:
+            raise IndexFormatError(f"{path}: suffix array out of order at row {row} (corrupted)")
+
+
+def verify_index(root: str | Path) -> dict:
+    """Full check: every byte against its sha256, and the whole suffix array sorted."""
+    manifest = read_manifest(root, FORMAT, FORMAT_VERSION)
+    checked = 0
+    for entry in manifest.data["shards"]:
+        check_files(manifest.root, entry["files"], full=True)
+    index = SuffixIndex.open(root)
+    for shard in index.shards:
+        if not bool(_sa_sorted(shard.tokens, shard.sa)):
+            raise IndexFormatError(f"{index.root / shard.name}: suffix array is not sorted (corrupted)")
+        if shard.tokens.shape[0] and int(np.asarray(shard.tokens).max()) > shard.sep:
+            raise IndexFormatError(f"{index.root / shard.name}: token ids beyond the shard vocabulary")
+        checked += shard.tokens.shape[0]
+    return {"tokens_checked": checked, "shards": len(index.shards)}
+
+
+@numba.njit(cache=True, nogil=True)
+def _sa_sorted(tokens, sa):
+    n = tokens.shape[0]
+    seen = np.zeros(n, np.bool_)
+    for row in range(sa.shape[0]):
+        p = sa[row]
+        if p < 0 or p >= n or seen[p]:
+            return False
+        seen[p] = True
+        if row > 0:
+            q = sa[row - 1]
+            j = 0
+            while q + j < n and p + j < n and tokens[q + j] == tokens[p + j]:
+                j += 1
+            # suffix q must sort below suffix p: q ends first, or differs with a smaller token
+            if p + j < n and (q + j >= n or tokens[q + j] < tokens[p + j]):
+                continue
+            return False
+    return True

@@ -1,0 +1,229 @@
+"""The suffix index: hand-computed token tables, the on-disk format and its failure modes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrospec.indexing.build import BuildOptions, build_index, merge_indexes
+from retrospec.indexing.corpus import CorpusError
+from retrospec.indexing.store import IndexFormatError
+from retrospec.sources.suffix_index import SuffixConfig, SuffixIndex, verify_index
+
+
+class IdTokenizer:
+    """Texts are space-separated token ids: "5 6 7" -> [5, 6, 7]."""
+
+    def __init__(self, vocab_size: int = 100, name: str = "ids"):
+        self.vocab_size, self.name_or_path = vocab_size, name
+        self.bos_token = self.eos_token = self.pad_token = self.unk_token = None
+        self.eos_token_id = None
+
+    def __call__(self, texts, add_special_tokens=False):
+        if isinstance(texts, str):
+            return {"input_ids": [int(t) for t in texts.split()]}
+        return {"input_ids": [[int(t) for t in text.split()] for text in texts]}
+
+    def get_vocab(self):
+        return {f"t{i}": i for i in range(self.vocab_size)}
+
+
+def corpus(tmp_path: Path, docs: list[list[int]], name: str = "c.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"text": " ".join(map(str, d))}) + "\n" for d in docs))
+    return path
+
+
+def build(tmp_path, docs, tokenizer=None, name="idx", **options) -> SuffixIndex:
+    tokenizer = tokenizer or IdTokenizer()
+    build_index([corpus(tmp_path, docs, f"{name}.jsonl")], tokenizer, tmp_path / name, BuildOptions(**options), progress=False)
+    return SuffixIndex.open(tmp_path / name, tokenizer=tokenizer)
+
+
+def q(index, context, **kw):
+    return index.query(np.array(context), **kw)
+
+
+def test_longest_suffix_and_all_its_continuations(tmp_path):
+    index = build(tmp_path, [[1, 2, 3, 4, 5], [2, 3, 9, 9], [8, 3, 7]])
+    index.config = SuffixConfig(min_ngram=1, max_depth=2)
+    # "2 3" occurs twice: followed by 4 5 and by 9 9 (not 7: that one is "8 3")
+    assert sorted(q(index, [7, 2, 3]).paths()) == [[4, 5], [9, 9]]
+    # "1 2 3" occurs once: only its continuation
+    assert q(index, [1, 2, 3]).paths() == [[4, 5]]
+    # no suffix occurs
+    assert len(q(index, [42])) == 0
+
+
+def test_matches_and_continuations_stop_at_document_boundaries(tmp_path):
+    index = build(tmp_path, [[5, 6], [7, 8]])
+    index.config = SuffixConfig(min_ngram=1)
+    assert len(q(index, [5, 6])) == 0  # 7 8 belongs to the next document
+    assert q(index, [6, 7]).paths() == [[8]]  # "6 7" never occurs across the boundary: "7" -> 8
+
+
+def test_counts_become_scores(tmp_path):
+    index = build(tmp_path, [[1, 2, 3]] * 3 + [[1, 2, 4]])
+    index.config = SuffixConfig(min_ngram=1, max_depth=1)
+    tree = q(index, [1, 2])
+    scores = dict(zip(tree.tokens.tolist(), tree.scores.tolist()))
+    # share 3/(4+1) vs 1/(4+1), both times the confidence of a 2-token match (2/3)
+    assert scores[3] == pytest.approx(3 / 5 * 2 / 3) and scores[4] == pytest.approx(1 / 5 * 2 / 3)
+
+
+def test_max_matches_caps_the_occurrences(tmp_path):
+    docs = [[1, 2, 10 + i] for i in range(10)]
+    index = build(tmp_path, docs)
+    index.config = SuffixConfig(min_ngram=1, max_matches=4, max_depth=1)
+    assert len(q(index, [1, 2])) == 4
+    index.config = SuffixConfig(min_ngram=1, max_matches=64, max_depth=1)
+    assert len(q(index, [1, 2])) == 10
+
+
+def test_min_ngram(tmp_path):
+    index = build(tmp_path, [[1, 2, 3]])
+    assert len(q(index, [9, 2])) == 0  # a 1-token match is below the default min_ngram of 2
+    index.config = SuffixConfig(min_ngram=1)
+    assert q(index, [9, 2]).paths() == [[3]]
+
+
+def test_vocabulary_beyond_65536(tmp_path):
+    big = IdTokenizer(vocab_size=200_000, name="big")
+    index = build(tmp_path, [[150_000, 199_999, 70_000, 5]], tokenizer=big)
+    assert index.shards[0].tokens.dtype == np.uint16  # 4 distinct tokens: 2 bytes each
+    assert q(index, [150_000, 199_999], max_nodes=8).paths() == [[70_000, 5]]
+
+
+def test_more_than_65535_distinct_tokens_falls_back_to_uint32(tmp_path):
+    big = IdTokenizer(vocab_size=100_000, name="big")
+    doc = list(range(70_000)) + [3, 4, 5]
+    index = build(tmp_path, [doc], tokenizer=big)
+    assert index.shards[0].tokens.dtype == np.uint32
+    assert q(index, [69_998, 69_999], max_nodes=4).paths() == [[3, 4, 5]]
+
+
+def test_shards_are_queried_together(tmp_path):
+    docs = [[1, 2, 3, 4], [1, 2, 3, 5], [9, 1, 2, 3, 4]]
+    one = build(tmp_path, docs, name="one")
+    many = build(tmp_path, docs, name="many", shard_tokens=4)
+    assert len(many.shards) == 3
+    assert sorted(q(one, [1, 2, 3]).paths()) == sorted(q(many, [1, 2, 3]).paths()) == [[4], [5]]
+
+
+def test_a_different_tokenizer_is_refused(tmp_path):
+    build(tmp_path, [[1, 2, 3]])
+    with pytest.raises(IndexFormatError, match="built with tokenizer 'ids'"):
+        SuffixIndex.open(tmp_path / "idx", tokenizer=IdTokenizer(vocab_size=101, name="other"))
+
+
+def test_a_newer_format_is_refused(tmp_path):
+    build(tmp_path, [[1, 2, 3]])
+    manifest = tmp_path / "idx" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["format_version"] = 99
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(IndexFormatError, match="format version 99 is newer"):
+        SuffixIndex.open(tmp_path / "idx")
+
+
+def test_truncated_and_corrupted_files_name_the_file(tmp_path):
+    build(tmp_path, [[1, 2, 3, 4, 5, 6]])
+    sa = tmp_path / "idx" / "shard-00000" / "sa.bin"
+    data = sa.read_bytes()
+    sa.write_bytes(data[:-4])
+    with pytest.raises(IndexFormatError, match=r"sa\.bin: .* bytes, the manifest says"):
+        SuffixIndex.open(tmp_path / "idx")
+    sa.write_bytes(data[:-4] + b"\xff\xff\xff\x7f")
+    with pytest.raises(IndexFormatError, match=r"sa\.bin: checksum"):
+        SuffixIndex.open(tmp_path / "idx")
+    (tmp_path / "idx" / "manifest.json").unlink()
+    with pytest.raises(IndexFormatError, match="not a retrospec index"):
+        SuffixIndex.open(tmp_path / "idx")
+
+
+def test_corruption_in_the_middle_of_a_large_file_is_found_by_verify(tmp_path):
+    rng = np.random.default_rng(0)
+    index = build(tmp_path, [rng.integers(0, 100, 80_000).tolist()])
+    assert verify_index(tmp_path / "idx")["tokens_checked"] == 80_001
+    tokens = tmp_path / "idx" / "shard-00000" / "tokens.bin"
+    raw = bytearray(tokens.read_bytes())
+    assert len(raw) > 2 * (1 << 16)
+    raw[len(raw) // 2] ^= 0x01
+    tokens.write_bytes(bytes(raw))
+    SuffixIndex.open(tmp_path / "idx")  # O(1) open checks only the edges
+    with pytest.raises(IndexFormatError, match="sha256 does not match"):
+        verify_index(tmp_path / "idx")
+
+
+def test_an_interrupted_build_leaves_the_previous_index_untouched(tmp_path, monkeypatch):
+    from retrospec.indexing import build as build_module
+
+    build(tmp_path, [[1, 2, 3, 4]])
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "write_shard", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_index([corpus(tmp_path, [[7, 8, 9]], "new.jsonl")], IdTokenizer(), tmp_path / "idx", progress=False)
+    after = sorted(p.name for p in tmp_path.iterdir())
+    assert after == sorted(before + ["new.jsonl"])  # and no temporary directory left behind
+    index = SuffixIndex.open(tmp_path / "idx")
+    index.config = SuffixConfig(min_ngram=1)
+    assert q(index, [2, 3]).paths() == [[4]]
+
+
+def test_append_and_merge(tmp_path):
+    tok = IdTokenizer()
+    build(tmp_path, [[1, 2, 3]])
+    build_index([corpus(tmp_path, [[4, 5, 6]], "more.jsonl")], tok, tmp_path / "idx", append=True, progress=False)
+    both = SuffixIndex.open(tmp_path / "idx")
+    both.config = SuffixConfig(min_ngram=1)
+    assert both.n_documents == 2 and len(both.shards) == 2
+    assert q(both, [1, 2]).paths() == [[3]] and q(both, [4, 5]).paths() == [[6]]
+    build(tmp_path, [[7, 8, 9]], name="other")
+    merged_info = merge_indexes([tmp_path / "idx", tmp_path / "other"], tmp_path / "merged")
+    assert merged_info["documents"] == 3
+    merged = SuffixIndex.open(tmp_path / "merged")
+    merged.config = SuffixConfig(min_ngram=1)
+    assert q(merged, [7, 8]).paths() == [[9]] and q(merged, [1, 2]).paths() == [[3]]
+    build(tmp_path, [[1]], tokenizer=IdTokenizer(50, "x"), name="foreign")
+    with pytest.raises(IndexFormatError, match="different tokenizers"):
+        merge_indexes([tmp_path / "idx", tmp_path / "foreign"], tmp_path / "bad")
+
+
+def test_empty_and_unreadable_inputs(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(CorpusError, match="no text to index"):
+        build_index([empty], IdTokenizer(), tmp_path / "idx", progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "1 2"}\nnot json\n')
+    with pytest.raises(CorpusError, match=r"bad.jsonl:2: not valid JSON"):
+        build_index([bad], IdTokenizer(), tmp_path / "idx", progress=False)
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"body": "1 2"}\n')
+    with pytest.raises(CorpusError, match="--field"):
+        build_index([nofield], IdTokenizer(), tmp_path / "idx", progress=False)
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(CorpusError, match="blob.txt: unreadable"):
+        build_index([binary], IdTokenizer(), tmp_path / "idx", progress=False)
+    assert not (tmp_path / "idx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx")]
+
+
+def test_source_tree_input(tmp_path):
+    tree = tmp_path / "src"
+    (tree / "pkg").mkdir(parents=True)
+    (tree / "pkg" / "a.py").write_text("1 2 3")
+    (tree / "pkg" / "b.py").write_text("4 5 6")
+    (tree / "notes.bin").write_text("7 8 9")
+    build_index([tree], IdTokenizer(), tmp_path / "idx", progress=False)
+    index = SuffixIndex.open(tmp_path / "idx")
+    assert index.n_documents == 2  # .bin is not a source pattern
