@@ -172,23 +172,46 @@ def _pld(name, model, tokenizer, options):
     return PlainMethod(name, model, tokenizer, prompt_lookup_num_tokens=10)
 
 
-@method("context")
-def _context(name, model, tokenizer, options):
-    return SpecMethod(name, model, tokenizer, Speculator([retrospec.ContextSource()], budget=_budget(options)))
+def _stores(options: BenchOptions):
+    from retrospec.defaults import Datastores
+
+    return Datastores(index=options.index, recycling=options.recycling, documents=options.documents, drafter=options.drafter)
 
 
 @method("retrospec")
 def _retrospec(name, model, tokenizer, options):
     from retrospec.defaults import default_sources
 
-    sources = default_sources(model, tokenizer, index=options.index, drafter=options.drafter, recycling=options.recycling)
+    sources = default_sources(model, tokenizer, _stores(options))
     return SpecMethod(name, model, tokenizer, Speculator(sources, budget=_budget(options)), use_documents=True)
 
 
+def _sources_method(name, model, tokenizer, options):
+    """``a+b+...``: a speculator over the named sources (``recycling`` alone verifies the
+    paper's full static tree, as Token Recycling does)."""
+    from retrospec.defaults import make_source
+
+    names = name.split("+")
+    sources = [make_source(n, model, tokenizer, _stores(options)) for n in names]
+    budget = _budget(options)
+    if names == ["recycling"] and budget == "auto":
+        budget = len(sources[0].template)
+    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=budget), use_documents="documents" in names)
+
+
+def check_method(name: str) -> None:
+    """``ValueError`` naming the known methods unless ``name`` is one."""
+    from retrospec.defaults import SOURCE_NAMES
+
+    if name not in METHODS and not all(part in SOURCE_NAMES for part in name.split("+")):
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}, or sources joined by '+': {', '.join(SOURCE_NAMES)}")
+
+
 def build_method(name: str, model, tokenizer, options: BenchOptions) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name](name, model, tokenizer, options)
+    check_method(name)
+    if name in METHODS:
+        return METHODS[name](name, model, tokenizer, options)
+    return _sources_method(name, model, tokenizer, options)
 
 
 @dataclass
@@ -249,9 +272,8 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
     ``outputs.jsonl`` under ``options.out``. ``model``/``tokenizer`` may be passed in."""
     if REFERENCE not in options.methods:
         raise ValueError(f"methods must include {REFERENCE!r}: it is the reference for speedup and identity")
-    unknown = [m for m in options.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    for name in options.methods:
+        check_method(name)
     torch.set_num_threads(options.threads)
     if model is None:
         model, tokenizer = retrospec.load_model(options.model, options.dtype, device=options.device)

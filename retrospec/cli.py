@@ -59,7 +59,7 @@ def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
     import retrospec
-    from retrospec.defaults import default_sources
+    from retrospec.defaults import Datastores, default_sources
     from retrospec.prompts import render
 
     torch.set_num_threads(args.threads)
@@ -71,7 +71,7 @@ def cmd_generate(args) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     common = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad)
     speculator = retrospec.Speculator(
-        default_sources(model, tokenizer, index=args.index, recycling=args.recycling),
+        default_sources(model, tokenizer, Datastores(index=args.index, recycling=args.recycling)),
         budget=args.budget if args.budget == "auto" else int(args.budget),
     )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None

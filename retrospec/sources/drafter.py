@@ -1,0 +1,285 @@
+"""A small draft model as a source (EAGLE-2-style trees), RASD scoring and RAPID views.
+
+**Own tree.** Each step the drafter first catches its KV cache up with the tokens committed
+since its last step, which gives its next-token distribution after the context. It then
+grows a tree by probability, EAGLE-2 style: the ``top_k`` likeliest children of the root;
+then, ``depth - 1`` times, one forward over the ``frontier`` nodes with the highest path
+probability (tree attention over its own cache) and their ``top_k`` children each. Node
+scores are the drafter's path probabilities. The tree part of the cache is cropped away
+after drafting, so the cache always holds exactly the committed context.
+
+**RASD.** The same catch-up forward also carries the other sources' trees (retrieval
+trees), flattened with a tree mask, so one forward gives the drafter's probability of every
+retrieved node; those trees are rescored with them before the speculator fuses everything
+by longest-prefix match (Retrieval-Augmented Speculative Decoding, Quan et al., 2025).
+
+**RAPID.** For long prompts the drafter can read a *view* of the prompt: the chunks most
+similar to its end (the question) plus the end itself, while the target reads everything
+(RAPID, Chen et al., 2025). Drafts stay lossless: the target verifies them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from retrospec.compat import cache_kwarg
+from retrospec.kvcache import layer_windows, new_cache
+from retrospec.sources.base import Verified
+from retrospec.tree import ROOT, DraftTree, ancestor_matrix, fuse, prune
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """Settings of :class:`ModelDrafter`."""
+
+    depth: int = 3
+    """Tree depth; each level beyond the first costs one drafter forward."""
+    top_k: int = 4
+    """Children proposed per expanded node."""
+    frontier: int = 4
+    """Nodes expanded per level (the likeliest by path probability)."""
+    rescore: bool = True
+    """Score the other sources' trees with the drafter (RASD)."""
+    rapid_threshold: int = 0
+    """Prompts longer than this many tokens are read by the drafter through a RAPID view (0: never)."""
+    rapid_chunk: int = 256
+    """Chunk size of the RAPID view, in tokens."""
+    rapid_budget: int = 1536
+    """Prompt tokens the drafter reads in RAPID mode (top chunks + the prompt's end)."""
+    rapid_tail: int = 256
+    """Tokens at the end of the prompt (the question) always in the RAPID view."""
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.top_k < 1 or self.frontier < 1:
+            raise ValueError(f"depth, top_k and frontier must be >= 1, got {self.depth}, {self.top_k}, {self.frontier}")
+        if self.rapid_threshold and self.rapid_budget <= self.rapid_tail:
+            raise ValueError(f"rapid_budget ({self.rapid_budget}) must exceed rapid_tail ({self.rapid_tail})")
+
+
+class ModelDrafter:
+    """A causal LM sharing the target's tokenizer, used as a draft source.
+
+    Args:
+        model: the draft model (same vocabulary as the target).
+        config: expansion, RASD and RAPID settings.
+    """
+
+    name = "drafter"
+    topk_wanted = 0
+
+    def __init__(self, model, config: DrafterConfig | None = None):
+        self.model = model.eval()
+        self.config = config or DrafterConfig()
+        self.windows = layer_windows(model.config)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    @classmethod
+    def load(cls, name_or_path: str, like=None, config: DrafterConfig | None = None) -> "ModelDrafter":
+        """Load a draft model by short name/path/hub id, in the dtype and device of ``like``."""
+        from retrospec.models import load_model
+
+        dtype = next(like.parameters()).dtype if like is not None else torch.float32
+        device = next(like.parameters()).device if like is not None else None
+        model, _ = load_model(name_or_path, dtype, device=device)
+        if like is not None:
+            target_vocab = like.get_output_embeddings().weight.shape[0]
+            draft_vocab = model.get_output_embeddings().weight.shape[0]
+            if target_vocab != draft_vocab:
+                raise ValueError(f"draft model {name_or_path!r} has vocabulary {draft_vocab}, the target {target_vocab}: they must share a tokenizer")
+        return cls(model, config)
+
+    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "DrafterSession":
+        return DrafterSession(self, np.asarray(prompt, np.int64))
+
+
+def rapid_view(prompt: np.ndarray, config: DrafterConfig) -> np.ndarray:
+    """The part of a long prompt a RAPID drafter reads: the chunks that share the most token
+    n-grams with the prompt's end, in their original order, then the end itself.
+
+    >>> cfg = DrafterConfig(rapid_threshold=8, rapid_chunk=4, rapid_budget=8, rapid_tail=4)
+    >>> rapid_view(np.array([1, 2, 3, 4, 9, 9, 9, 9, 5, 6, 7, 8, 1, 2, 3, 0]), cfg).tolist()
+    [1, 2, 3, 4, 1, 2, 3, 0]
+    """
+    n = prompt.shape[0]
+    if not config.rapid_threshold or n <= config.rapid_threshold:
+        return prompt
+    tail = prompt[n - config.rapid_tail :]
+    body = prompt[: n - config.rapid_tail]
+    grams = {tuple(tail[i : i + 2].tolist()) for i in range(tail.shape[0] - 1)}
+    chunks = [(s, body[s : s + config.rapid_chunk]) for s in range(0, body.shape[0], config.rapid_chunk)]
+    scored = sorted(
+        chunks,
+        key=lambda sc: -sum(tuple(sc[1][i : i + 2].tolist()) in grams for i in range(sc[1].shape[0] - 1)),
+    )
+    room = (config.rapid_budget - config.rapid_tail) // config.rapid_chunk
+    keep = sorted(s for s, _ in scored[: max(room, 1)])
+    return np.concatenate([body[s : s + config.rapid_chunk] for s in keep] + [tail])
+
+
+class DrafterSession:
+    """The drafter's cache and view of one request."""
+
+    def __init__(self, drafter: ModelDrafter, prompt: np.ndarray):
+        self.drafter = drafter
+        self.config = drafter.config
+        self.model = drafter.model
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.cache = new_cache()
+        self.prompt_len = prompt.shape[0]
+        self.view = rapid_view(prompt, self.config)  # what the drafter reads instead of the prompt
+        self.fed = 0  # tokens of the drafter's sequence in its cache
+
+    def _sequence(self, context: np.ndarray) -> np.ndarray:
+        """The drafter's own sequence: its view of the prompt, then the generated tokens."""
+        return np.concatenate([self.view, context[self.prompt_len :]])
+
+    def _mask(self, n_new: int, new_ancestors: np.ndarray) -> torch.Tensor | dict:
+        """Additive mask of ``n_new`` query rows: all committed tokens, plus the tree slots of
+        this step (already cached or new) marked in ``new_ancestors``. (Sliding windows are
+        not applied: a drafter's view only shapes drafts, never the output.)"""
+        total = self.fed_cache + n_new
+        visible = np.zeros((n_new, total), bool)
+        visible[:, : self.fed] = True
+        visible[:, self.fed :] = new_ancestors
+        mask = torch.zeros(n_new, total, dtype=self.dtype)
+        mask.masked_fill_(~torch.from_numpy(visible), torch.finfo(self.dtype).min)
+        mask = mask[None, None].to(self.device)
+        return mask if len(self.drafter.windows) == 1 else {t: mask for t in self.drafter.windows}
+
+    @torch.no_grad()
+    def _forward(self, ids: np.ndarray, positions: np.ndarray, ancestors: np.ndarray | None) -> torch.Tensor:
+        """Append ``ids`` at ``positions`` to the cache and return their log-probabilities.
+
+        ``ancestors`` (``[n, tree slots of this step + n]``) says which of this step's slots
+        each row sees besides the committed tokens; ``None`` means plain causal attention."""
+        n = ids.shape[0]
+        out = self.model(
+            input_ids=torch.from_numpy(ids)[None].to(self.device),
+            position_ids=torch.from_numpy(positions)[None].to(self.device),
+            attention_mask=None if ancestors is None else self._mask(n, ancestors),
+            use_cache=True,
+            **{cache_kwarg(self.model): self.cache},
+        )
+        self.fed_cache += n
+        return torch.log_softmax(out.logits[0].float(), dim=-1)
+
+    def _catch_up(self, seq: np.ndarray) -> None:
+        """Feed all committed tokens but the last (plain causal forward)."""
+        end = seq.shape[0] - 1
+        if end > self.fed:
+            self._forward(seq[self.fed : end], np.arange(self.fed, end), None)
+            self.fed = end
+
+    def propose_with(
+        self, context: np.ndarray, others: list[DraftTree], max_nodes: int, max_depth: int
+    ) -> tuple[DraftTree, list[DraftTree]]:
+        """The drafter's own tree, and ``others`` rescored with its probabilities (RASD)."""
+        cfg = self.config
+        seq = self._sequence(np.asarray(context, np.int64))
+        self.fed_cache = self.fed
+        if self.fed >= seq.shape[0]:
+            raise ValueError(f"the drafter has read {self.fed} tokens but the context has {seq.shape[0]}")
+        # 1) catch up, then one forward of the last committed token + the union of the
+        #    other trees: the root distribution and every retrieved node's probability
+        self._catch_up(seq)
+        union = fuse([DraftTree(t.tokens, t.parents, t.scores, np.ones(len(t), np.uint32)) for t in others]) if (cfg.rescore and others) else DraftTree.empty()
+        n = 1 + len(union)
+        ids = np.concatenate([seq[-1:], union.tokens]).astype(np.int64)
+        positions = (seq.shape[0] - 1 + np.concatenate([[0], union.depths()])).astype(np.int64)
+        logp = self._forward(ids, positions, ancestor_matrix(union.parents))
+        self.fed = seq.shape[0]
+        root_logp = logp[0]
+        rescored = others
+        if len(union):
+            parent_rows = np.where(union.parents == ROOT, 0, union.parents + 1)
+            node_logp = logp[torch.from_numpy(parent_rows), torch.from_numpy(union.tokens)].cpu().numpy()
+            path = np.zeros(len(union), np.float64)
+            for i, p in enumerate(union.parents.tolist()):
+                path[i] = node_logp[i] + (path[p] if p != ROOT else 0.0)
+            prob = np.exp(path).astype(np.float32)
+            rescored = [self._rescore(t, union, prob) for t in others]
+        # the union's slots are not ancestors of anything the expansion feeds: drop them now
+        if len(union):
+            self.cache.crop(-len(union))
+            self.fed_cache -= len(union)
+        own = self._expand(root_logp, seq.shape[0], min(max_depth, cfg.depth), max_nodes)
+        # 2) forget this step's tree slots: the cache must hold exactly the committed context
+        drop = self.fed_cache - self.fed
+        if drop > 0:
+            self.cache.crop(-drop)
+        self.fed_cache = self.fed
+        return own, rescored
+
+    @staticmethod
+    def _rescore(tree: DraftTree, union: DraftTree, prob: np.ndarray) -> DraftTree:
+        """``tree`` with each node's score replaced by the drafter's path probability."""
+        index = {}
+        for i, (t, p) in enumerate(zip(union.tokens.tolist(), union.parents.tolist())):
+            index[(p, t)] = i
+        mapped = np.empty(len(tree), np.int64)
+        for i, (t, p) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
+            mapped[i] = index[(ROOT if p == ROOT else int(mapped[p]), t)]
+        return DraftTree(tree.tokens, tree.parents, prob[mapped], tree.sources).with_monotone_scores()
+
+    def _expand(self, root_logp: torch.Tensor, seq_len: int, depth: int, max_nodes: int) -> DraftTree:
+        """EAGLE-2-style growth from the root distribution (see the module docstring)."""
+        cfg = self.config
+        if depth <= 0 or max_nodes <= 0:
+            return DraftTree.empty()
+        top = torch.topk(root_logp, cfg.top_k)
+        tokens = top.indices.cpu().tolist()
+        parents = [ROOT] * len(tokens)
+        logps = top.values.cpu().tolist()
+        depths = [1] * len(tokens)
+        cache_slot = [-1] * len(tokens)  # row of the node in the drafter's tree cache, once fed
+        slots_fed = 0
+        level = list(range(len(tokens)))
+        for d in range(1, depth):
+            frontier = sorted(level, key=lambda i: -logps[i])[: cfg.frontier]
+            if not frontier:
+                break
+            n = len(frontier)
+            # each frontier row sees its fed ancestors and itself
+            anc = np.zeros((n, slots_fed + n), bool)
+            for r, node in enumerate(frontier):
+                p = parents[node]
+                while p != ROOT:
+                    if cache_slot[p] >= 0:
+                        anc[r, cache_slot[p]] = True
+                    p = parents[p]
+                anc[r, slots_fed + r] = True
+                cache_slot[node] = slots_fed + r
+            ids = np.asarray([tokens[i] for i in frontier], np.int64)
+            positions = np.asarray([seq_len - 1 + depths[i] for i in frontier], np.int64)
+            logp = self._forward(ids, positions, anc)
+            slots_fed += n
+            top = torch.topk(logp, cfg.top_k, dim=-1)
+            values, indices = top.values.cpu().numpy(), top.indices.cpu().numpy()
+            level = []
+            for r, node in enumerate(frontier):
+                for v, t in zip(values[r].tolist(), indices[r].tolist()):
+                    tokens.append(int(t))
+                    parents.append(node)
+                    logps.append(logps[node] + v)
+                    depths.append(d + 1)
+                    cache_slot.append(-1)
+                    level.append(len(tokens) - 1)
+        tree = DraftTree(
+            np.asarray(tokens, np.int64), np.asarray(parents, np.int32),
+            np.exp(np.asarray(logps, np.float64)).astype(np.float32), np.ones(len(tokens), np.uint32),
+        ).with_monotone_scores()
+        return prune(tree, max_nodes)
+
+    def propose(self, context: np.ndarray, max_nodes: int, max_depth: int) -> DraftTree:
+        return self.propose_with(context, [], max_nodes, max_depth)[0]
+
+    def observe(self, step: Verified) -> None:
+        """The cache catches up with committed tokens at the next step."""
