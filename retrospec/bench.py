@@ -16,7 +16,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -167,6 +167,16 @@ def _greedy_static(name, model, tokenizer, options):
     return PlainMethod(name, model, tokenizer, cache_implementation="static")
 
 
+@method("assistant")
+def _assistant(name, model, tokenizer, options):
+    """transformers' own assisted decoding with the draft model (``--drafter``)."""
+    if not options.drafter:
+        raise ValueError("method 'assistant' needs a draft model (--drafter NAME)")
+    dtype = next(model.parameters()).dtype
+    assistant, _ = retrospec.load_model(options.drafter, dtype, device=next(model.parameters()).device)
+    return PlainMethod(name, model, tokenizer, assistant_model=assistant)
+
+
 @method("pld")
 def _pld(name, model, tokenizer, options):
     return PlainMethod(name, model, tokenizer, prompt_lookup_num_tokens=10)
@@ -191,7 +201,7 @@ def _sources_method(name, model, tokenizer, options):
     paper's full static tree, as Token Recycling does)."""
     from retrospec.defaults import make_source
 
-    names = name.split("+")
+    names = split_budget(name)[0].split("+")
     sources = [make_source(n, model, tokenizer, _stores(options)) for n in names]
     budget = _budget(options)
     if names == ["recycling"] and budget == "auto":
@@ -199,19 +209,33 @@ def _sources_method(name, model, tokenizer, options):
     return SpecMethod(name, model, tokenizer, Speculator(sources, budget=budget), use_documents="documents" in names)
 
 
+def split_budget(name: str) -> tuple[str, str | None]:
+    """``"retrospec@16"`` -> ``("retrospec", "16")``: a method with its own budget."""
+    base, _, budget = name.partition("@")
+    if budget and budget != "auto" and not budget.isdigit():
+        raise ValueError(f"method {name!r}: the budget after '@' must be an integer or 'auto'")
+    return base, budget or None
+
+
 def check_method(name: str) -> None:
     """``ValueError`` naming the known methods unless ``name`` is one."""
     from retrospec.defaults import SOURCE_NAMES
 
-    if name not in METHODS and not all(part in SOURCE_NAMES for part in name.split("+")):
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}, or sources joined by '+': {', '.join(SOURCE_NAMES)}")
+    base, _ = split_budget(name)
+    if base not in METHODS and not all(part in SOURCE_NAMES for part in base.split("+")):
+        raise ValueError(
+            f"unknown method {name!r}; known: {', '.join(METHODS)}, or sources joined by '+' "
+            f"({', '.join(SOURCE_NAMES)}), optionally with '@BUDGET'"
+        )
 
 
 def build_method(name: str, model, tokenizer, options: BenchOptions) -> Method:
     check_method(name)
-    if name in METHODS:
-        return METHODS[name](name, model, tokenizer, options)
-    return _sources_method(name, model, tokenizer, options)
+    base, budget = split_budget(name)
+    if budget is not None:
+        options = replace(options, budget=budget)
+    method = METHODS[base](name, model, tokenizer, options) if base in METHODS else _sources_method(name, model, tokenizer, options)
+    return method
 
 
 @dataclass

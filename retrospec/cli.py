@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-category", type=int, default=5, help="prompts per category (default: %(default)s)")
     p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--methods", default="greedy,pld,retrospec", help="comma-separated: greedy, greedy-static, pld, context, suffix-index, recycling, documents, drafter, retrospec (default: %(default)s)")
+    p.add_argument("--methods", default="greedy,pld,retrospec", help="comma-separated: greedy, greedy-static, pld, assistant, retrospec, or sources joined by '+' "
+                   "(context, suffix-index, recycling, documents, drafter); NAME@N gives a method its own budget (default: %(default)s)")
     p.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--index", help="suffix index directory (methods suffix-index and retrospec)")

@@ -94,15 +94,15 @@ def test_min_ngram(tmp_path):
 def test_vocabulary_beyond_65536(tmp_path):
     big = IdTokenizer(vocab_size=200_000, name="big")
     index = build(tmp_path, [[150_000, 199_999, 70_000, 5]], tokenizer=big)
-    assert index.shards[0].tokens.dtype == np.uint16  # 4 distinct tokens: 2 bytes each
+    assert index.shards[0].token_bits == 3  # 4 distinct tokens and the separator: 3 bits each
     assert q(index, [150_000, 199_999], max_nodes=8).paths() == [[70_000, 5]]
 
 
-def test_more_than_65535_distinct_tokens_falls_back_to_uint32(tmp_path):
+def test_more_than_65535_distinct_tokens_take_three_bytes(tmp_path):
     big = IdTokenizer(vocab_size=100_000, name="big")
     doc = list(range(70_000)) + [3, 4, 5]
     index = build(tmp_path, [doc], tokenizer=big)
-    assert index.shards[0].tokens.dtype == np.uint32
+    assert index.shards[0].token_bits == 17
     assert q(index, [69_998, 69_999], max_nodes=4).paths() == [[3, 4, 5]]
 
 
@@ -147,8 +147,8 @@ def test_truncated_and_corrupted_files_name_the_file(tmp_path):
 
 def test_corruption_in_the_middle_of_a_large_file_is_found_by_verify(tmp_path):
     rng = np.random.default_rng(0)
-    index = build(tmp_path, [rng.integers(0, 100, 80_000).tolist()])
-    assert verify_index(tmp_path / "idx")["tokens_checked"] == 80_001
+    index = build(tmp_path, [rng.integers(0, 100, 200_000).tolist()])
+    assert verify_index(tmp_path / "idx")["tokens_checked"] == 200_001
     tokens = tmp_path / "idx" / "shard-00000" / "tokens.bin"
     raw = bytearray(tokens.read_bytes())
     assert len(raw) > 2 * (1 << 16)

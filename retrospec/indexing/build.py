@@ -5,10 +5,11 @@ tokens (so each suffix-array construction stays within memory, and shards are th
 distributed build produces). For each shard:
 
 1. concatenate its documents, each followed by a separator;
-2. map token ids to the shard's own dense vocabulary (uint16 when it has < 65,535
-   distinct tokens, as corpora almost always do — the separator is the dtype's largest
-   value), so a corpus in a 151k-token vocabulary still takes 2 bytes per token;
-3. build the suffix array with libdivsufsort (``pydivsufsort``);
+2. map token ids to the shard's own dense vocabulary (the separator is one past its last
+   id) and bit-pack them in the fewest bits that hold it: 16-17 bits for typical corpora,
+   whatever the model's vocabulary size;
+3. build the suffix array with libdivsufsort (``pydivsufsort``) and bit-pack it too
+   (24 bits for a 10M-token shard);
 4. write ``tokens.bin``, ``sa.bin`` and ``vocab.bin`` raw, with sizes and checksums in the manifest.
 
 Everything is written into a temporary directory beside ``--out`` and renamed into place at
@@ -39,12 +40,12 @@ from retrospec.indexing.store import (
     tokenizer_identity,
     write_manifest,
 )
-from retrospec.sources.suffix_index import FORMAT, FORMAT_VERSION
+from retrospec.sources.suffix_index import FORMAT, FORMAT_VERSION, bits_for, pack_bits
 
 log = logging.getLogger(__name__)
 
 DOCS_DB = "docs.sqlite"
-MAX_SHARD_TOKENS = (1 << 30) - 1  # int32 suffix arrays over the 2-byte encoding
+MAX_SHARD_TOKENS = (1 << 30) - 1  # int32 suffix arrays from libdivsufsort over the 2-byte encoding
 
 
 @dataclass(frozen=True)
@@ -117,22 +118,25 @@ def write_shard(root: Path, name: str, docs: list[np.ndarray]) -> tuple[dict, li
     lengths = np.fromiter((d.shape[0] for d in docs), np.int64, len(docs))
     flat = np.concatenate(docs) if docs else np.zeros(0, np.int64)
     vocab = np.unique(flat).astype(np.uint32)
-    dtype = np.uint16 if vocab.shape[0] < np.iinfo(np.uint16).max else np.uint32
-    sep = int(np.iinfo(dtype).max)
-    local = np.empty(flat.shape[0] + len(docs), dtype)
+    token_bits = bits_for(vocab.shape[0])  # local ids 0..distinct-1, the separator = distinct
+    sep = vocab.shape[0]
+    local = np.empty(flat.shape[0] + len(docs), np.uint32)
     ends = np.cumsum(lengths + 1)  # each document is followed by a separator
     starts = ends - lengths - 1
     is_sep = np.zeros(local.shape[0], bool)
     is_sep[ends - 1] = True
     local[is_sep] = sep
-    local[~is_sep] = np.searchsorted(vocab, flat).astype(dtype)
-    sa = suffix_array(local)
+    local[~is_sep] = np.searchsorted(vocab, flat)
+    # sort the narrowest integer type that holds the ids: fewer bytes for libdivsufsort
+    sa = suffix_array(local.astype(np.uint16) if sep < (1 << 16) else local)
+    sa_bits = bits_for(max(local.shape[0] - 1, 1))
     files = {
-        f"{name}/tokens.bin": save_array(root, f"{name}/tokens.bin", local),
-        f"{name}/sa.bin": save_array(root, f"{name}/sa.bin", sa),
+        f"{name}/tokens.bin": save_array(root, f"{name}/tokens.bin", pack_bits(local, token_bits)),
+        f"{name}/sa.bin": save_array(root, f"{name}/sa.bin", pack_bits(sa, sa_bits)),
         f"{name}/vocab.bin": save_array(root, f"{name}/vocab.bin", vocab),
     }
-    entry = {"name": name, "tokens": int(flat.shape[0]), "documents": len(docs), "sep": sep, "files": files}
+    entry = {"name": name, "tokens": int(flat.shape[0]), "documents": len(docs), "positions": int(local.shape[0]),
+             "sep": int(sep), "token_bits": token_bits, "sa_bits": sa_bits, "files": files}
     return entry, list(zip(starts.tolist(), lengths.tolist()))
 
 

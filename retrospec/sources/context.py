@@ -42,12 +42,17 @@ class ContextConfig:
     """Longest continuation taken from one occurrence."""
     match_weight: float = 2.0
     """An occurrence matching ``n`` suffix tokens weighs ``match_weight ** n``."""
+    max_skip: int = 2
+    """When the last token never occurred before, match the suffix before it (up to this many
+    new tokens back) and skip them: a pattern repeated with a new filler. 0 disables."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
         if self.max_matches < 1 or self.max_depth < 1:
             raise ValueError(f"max_matches and max_depth must be >= 1, got {self.max_matches}, {self.max_depth}")
+        if self.max_skip < 0:
+            raise ValueError(f"max_skip must be >= 0, got {self.max_skip}")
         if self.match_weight < 1.0:
             raise ValueError(f"match_weight must be >= 1, got {self.match_weight}")
 
@@ -146,18 +151,36 @@ class ContextSession:
         last = len(seq) - 1
         return self.index.occurrences(seq[-cfg.max_ngram :], cfg.min_ngram, cfg.max_matches, exclude_end=last)
 
+    def skip_matches(self, skip: int) -> list[tuple[int, int]]:
+        """Occurrences of the suffix *before* the last ``skip`` tokens, when those are new.
+
+        Tokens never seen before often fill a slot in a repeated pattern (another name in a
+        list, another identifier in a line of code): what followed the pattern then may
+        follow now, ``skip`` tokens later.
+        """
+        cfg, seq = self.config, self.index.seq
+        if len(seq) < skip + 2:
+            return []
+        head = seq[:-skip]
+        return self.index.occurrences(head[-cfg.max_ngram :], cfg.min_ngram, cfg.max_matches, exclude_end=len(head) - 1)
+
     def propose(self, context: np.ndarray, max_nodes: int, max_depth: int) -> DraftTree:
         self._sync(context)
-        matches = self.matches()
-        if not matches or max_nodes <= 0 or max_depth <= 0:
+        if max_nodes <= 0 or max_depth <= 0:
             return DraftTree.empty()
         cfg = self.config
         depth = min(max_depth, cfg.max_depth)
-        continuations = [self.index.continuation(end, depth) for end, _ in matches]
+        matches, skip = self.matches(), 0
+        while not matches and skip < cfg.max_skip:
+            skip += 1
+            matches = self.skip_matches(skip)
+        if not matches:
+            return DraftTree.empty()
+        continuations = [self.index.continuation(end + skip, depth) for end, _ in matches]
         weights = [cfg.match_weight**n for _, n in matches]
         longest = matches[0][1]
-        # a 1-token match predicts far worse than an 8-token one
-        root_conf = longest / (longest + 1.0)
+        # a 1-token match predicts far worse than an 8-token one, and a skip-gram worse still
+        root_conf = longest / (longest + 1.0 + 2.0 * skip)
         return continuation_trie(continuations, weights, root_conf=root_conf, decay=0.9, max_nodes=max_nodes)
 
     def observe(self, step: Verified) -> None:

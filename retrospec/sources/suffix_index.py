@@ -8,9 +8,8 @@ resident memory does not grow with the corpus and opening an index is O(1).
 One query (all in numba, on the memory-mapped arrays):
 
 1. map the last ``max_ngram`` context tokens to the shard's own vocabulary (a corpus rarely
-   uses more than 65,535 distinct tokens, so tokens are stored as uint16 and a suffix array
-   entry as int32: 6 bytes per token — any vocabulary size works, larger corpora
-   vocabularies fall back to uint32);
+   uses more than 65,535 distinct tokens; tokens and suffix-array entries are bit-packed in
+   the fewest bits that hold them, about 5 bytes per token whatever the model's vocabulary);
 2. find the longest suffix ``m`` that occurs, by binary search over ``m`` (occurrence is
    monotone in ``m``), each test a binary search of the suffix array;
 3. sample up to ``max_matches`` occurrences evenly across the suffix-array range (so
@@ -68,15 +67,81 @@ class SuffixConfig:
             raise ValueError(f"max_matches and max_depth must be >= 1, got {self.max_matches}, {self.max_depth}")
 
 
+# --------------------------------------------------------------------------- bit-packed arrays
+# Tokens and suffix-array entries are stored as little-endian bit-packed unsigned integers
+# of the fewest bits that hold them: value i occupies bits [i*w, (i+1)*w) of a byte array
+# padded with 8 zero bytes. A 10M-token shard over a corpus of < 65,535 distinct tokens
+# takes 16 + 24 bits per token; a multilingual one with a 151k vocabulary 17 + 24.
+PAD = 8
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def bits_get(data, i, w):
+    """Value ``i`` of a ``w``-bit packed array (``w <= 56``)."""
+    bit = np.int64(i) * w
+    byte = bit >> 3
+    shift = bit & 7
+    v = np.int64(0)
+    for b in range((shift + w + 7) >> 3):
+        v |= np.int64(data[byte + b]) << (8 * b)
+    return (v >> shift) & ((np.int64(1) << w) - 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack(values, w, out):
+    for i in range(values.shape[0]):
+        v = np.int64(values[i])
+        bit = np.int64(i) * w
+        byte = bit >> 3
+        shift = bit & 7
+        v = v << shift
+        for b in range((shift + w + 7) >> 3):
+            out[byte + b] |= np.uint8((v >> (8 * b)) & 0xFF)
+
+
+def pack_bits(values: np.ndarray, w: int) -> np.ndarray:
+    """``int[n]`` (each ``< 2**w``) -> ``uint8`` bit-packed array (padded).
+
+    >>> pack_bits(np.array([1, 2, 3]), 2).tolist()[:1]   # 0b11_10_01
+    [57]
+    """
+    if not 1 <= w <= 56:
+        raise ValueError(f"bit width must be in [1, 56], got {w}")
+    out = np.zeros((values.shape[0] * w + 7) // 8 + PAD, np.uint8)
+    _pack(np.ascontiguousarray(values, np.int64), w, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _unpack(data, w, start, stop):
+    out = np.empty(stop - start, np.int64)
+    for i in range(start, stop):
+        out[i - start] = bits_get(data, i, w)
+    return out
+
+
+def unpack_bits(data: np.ndarray, w: int, start: int, stop: int) -> np.ndarray:
+    """``int64`` values ``start..stop-1`` of a ``w``-bit packed array.
+
+    >>> unpack_bits(pack_bits(np.array([5, 70000, 3]), 17), 17, 0, 3).tolist()
+    [5, 70000, 3]
+    """
+    return _unpack(data, w, start, stop)
+
+
+def bits_for(max_value: int) -> int:
+    """Fewest bits that hold ``0..max_value``."""
+    return max(int(max_value).bit_length(), 1)
+
+
 # --------------------------------------------------------------------------- numba kernels
 @numba.njit(cache=True, nogil=True)
-def _compare(tokens, start, pattern, m):
+def _compare(tok, tw, n, start, pattern, m):
     """Order of the suffix at ``start`` against ``pattern[:m]``: -1 below, 0 prefix match, 1 above."""
-    n = tokens.shape[0]
     for j in range(m):
         if start + j >= n:
             return -1  # the suffix ended first: it sorts below
-        a = np.int64(tokens[start + j])
+        a = bits_get(tok, start + j, tw)
         b = pattern[j]
         if a < b:
             return -1
@@ -86,23 +151,23 @@ def _compare(tokens, start, pattern, m):
 
 
 @numba.njit(cache=True, nogil=True)
-def sa_range(tokens, sa, pattern, m):
+def sa_range(tok, tw, sa, sw, n, pattern, m):
     """``[lo, hi)``: the suffix-array rows whose suffix starts with ``pattern[:m]``.
 
-    Invariant: ``sa`` sorts the suffixes of ``tokens``, so those rows are contiguous.
+    Invariant: ``sa`` sorts the ``n`` suffixes of ``tok``, so those rows are contiguous.
     """
-    lo, hi = 0, sa.shape[0]
+    lo, hi = 0, n
     while lo < hi:  # first row not below the pattern
         mid = (lo + hi) // 2
-        if _compare(tokens, sa[mid], pattern, m) < 0:
+        if _compare(tok, tw, n, bits_get(sa, mid, sw), pattern, m) < 0:
             lo = mid + 1
         else:
             hi = mid
     first = lo
-    hi = sa.shape[0]
+    hi = n
     while lo < hi:  # first row above it
         mid = (lo + hi) // 2
-        if _compare(tokens, sa[mid], pattern, m) <= 0:
+        if _compare(tok, tw, n, bits_get(sa, mid, sw), pattern, m) <= 0:
             lo = mid + 1
         else:
             hi = mid
@@ -110,21 +175,21 @@ def sa_range(tokens, sa, pattern, m):
 
 
 @numba.njit(cache=True, nogil=True)
-def longest_suffix(tokens, sa, context, max_m):
+def longest_suffix(tok, tw, sa, sw, n, context, max_m):
     """Largest ``m <= max_m`` such that ``context[-m:]`` occurs, with its row range.
 
     ``context`` holds local token ids, ``-1`` for tokens the shard never saw. Returns
     ``(0, 0, 0)`` when not even the last token occurs.
     """
-    n = context.shape[0]
+    c = context.shape[0]
     limit = 0
-    while limit < min(max_m, n) and context[n - 1 - limit] >= 0:
+    while limit < min(max_m, c) and context[c - 1 - limit] >= 0:
         limit += 1
     lo_m, hi_m = 0, limit
     best_lo, best_hi = 0, 0
     while lo_m < hi_m:  # occurrence is monotone in m: binary search the longest
         mid = (lo_m + hi_m + 1) // 2
-        a, b = sa_range(tokens, sa, context[n - mid :], mid)
+        a, b = sa_range(tok, tw, sa, sw, n, context[c - mid :], mid)
         if b > a:
             lo_m, best_lo, best_hi = mid, a, b
         else:
@@ -133,20 +198,19 @@ def longest_suffix(tokens, sa, context, max_m):
 
 
 @numba.njit(cache=True, nogil=True)
-def gather(tokens, sa, lo, hi, m, take, depth, sep, out, row0):
+def gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0):
     """Write the continuations of ``take`` occurrences, evenly spaced over rows ``[lo, hi)``,
     into ``out[row0 : row0 + take]`` (``-1`` padded, cut at ``sep``); return rows written."""
     count = hi - lo
     if take > count:
         take = count
-    n = tokens.shape[0]
     for i in range(take):
         row = lo + (i * count) // take
-        pos = sa[row] + m
+        pos = bits_get(sa, row, sw) + m
         for d in range(depth):
             if pos + d >= n:
                 break
-            t = tokens[pos + d]
+            t = bits_get(tok, pos + d, tw)
             if t == sep:
                 break
             out[row0 + i, d] = t
@@ -194,11 +258,14 @@ def trie_from_sorted(rows):
 # --------------------------------------------------------------------------- the index
 @dataclass
 class Shard:
-    """One suffix array over part of the corpus."""
+    """One suffix array over part of the corpus (see the bit-packed arrays above)."""
 
     name: str
-    tokens: np.ndarray  # local ids (uint16 or uint32), documents separated by `sep`
-    sa: np.ndarray  # int32 or int64 suffix array of `tokens`
+    n: int  # positions: tokens + one separator per document
+    tokens: np.ndarray  # local ids, ``token_bits``-bit packed; documents separated by ``sep``
+    token_bits: int
+    sa: np.ndarray  # the suffix array of ``tokens``, ``sa_bits``-bit packed
+    sa_bits: int
     vocab: np.ndarray  # uint32: global token id of each local id (sorted)
     sep: int
 
@@ -207,6 +274,12 @@ class Shard:
         pos = np.searchsorted(self.vocab, ids)
         pos = np.minimum(pos, self.vocab.shape[0] - 1)
         return np.where(self.vocab[pos] == ids, pos, -1).astype(np.int64)
+
+    def token_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return unpack_bits(self.tokens, self.token_bits, start, self.n if stop is None else stop)
+
+    def sa_entry(self, row: int) -> int:
+        return int(bits_get(self.sa, row, self.sa_bits))
 
 
 def trie_scores(parents: np.ndarray, counts: np.ndarray, total: int, root_conf: float, decay: float) -> np.ndarray:
@@ -248,7 +321,8 @@ class SuffixIndex:
             check_files(root, files)
             names = {k.rsplit("/", 1)[-1]: k for k in files}
             arrays = {short: open_array(root, full, files[full]) for short, full in names.items()}
-            shard = Shard(entry["name"], arrays["tokens.bin"], arrays["sa.bin"], arrays["vocab.bin"], int(entry["sep"]))
+            shard = Shard(entry["name"], int(entry["positions"]), arrays["tokens.bin"], int(entry["token_bits"]),
+                          arrays["sa.bin"], int(entry["sa_bits"]), arrays["vocab.bin"], int(entry["sep"]))
             _spot_check(root / entry["name"], shard)
             shards.append(shard)
         if not shards:
@@ -272,7 +346,7 @@ class SuffixIndex:
         tail = np.asarray(context[-cfg.max_ngram :], np.int64)
         found = []
         for shard in self.shards:
-            m, lo, hi = longest_suffix(shard.tokens, shard.sa, shard.local(tail), cfg.max_ngram)
+            m, lo, hi = longest_suffix(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, shard.local(tail), cfg.max_ngram)
             if m >= cfg.min_ngram:
                 found.append((m, lo, hi, shard))
         if not found:
@@ -285,7 +359,7 @@ class SuffixIndex:
         for m, lo, hi, shard in found:
             take = max(1, (cfg.max_matches * (hi - lo)) // total)
             start = used
-            used += gather(shard.tokens, shard.sa, lo, hi, m, take, depth, shard.sep, rows, used)
+            used += gather(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, lo, hi, m, take, depth, shard.sep, rows, used)
             block = rows[start:used]
             valid = block >= 0
             block[valid] = shard.vocab[block[valid]]  # back to global ids
@@ -335,18 +409,18 @@ class SuffixIndexSession:
 
 def _spot_check(path: Path, shard: Shard, samples: int = 16) -> None:
     """O(1) structural checks: suffix-array entries in range and locally sorted."""
-    n = shard.tokens.shape[0]
-    if shard.sa.shape[0] != n:
-        raise IndexFormatError(f"{path}: suffix array has {shard.sa.shape[0]} entries for {n} tokens")
+    n = shard.n
+    if shard.tokens.shape[0] < (n * shard.token_bits + 7) // 8 or shard.sa.shape[0] < (n * shard.sa_bits + 7) // 8:
+        raise IndexFormatError(f"{path}: arrays too short for {n} positions")
     if n < 2:
         return
     rows = np.linspace(0, n - 2, num=min(samples, n - 1)).astype(np.int64)
     for row in rows.tolist():
-        a, b = int(shard.sa[row]), int(shard.sa[row + 1])
+        a, b = shard.sa_entry(row), shard.sa_entry(row + 1)
         if not (0 <= a < n and 0 <= b < n):
             raise IndexFormatError(f"{path}: suffix array entry out of range at row {row} (corrupted)")
         width = min(32, n - a, n - b)
-        x, y = shard.tokens[a : a + width], shard.tokens[b : b + width]
+        x, y = shard.token_ids(a, a + width), shard.token_ids(b, b + width)
         diff = np.flatnonzero(x != y)
         if diff.size and x[diff[0]] > y[diff[0]]:
             raise IndexFormatError(f"{path}: suffix array out of order at row {row} (corrupted)")
@@ -360,30 +434,29 @@ def verify_index(root: str | Path) -> dict:
         check_files(manifest.root, entry["files"], full=True)
     index = SuffixIndex.open(root)
     for shard in index.shards:
-        if not bool(_sa_sorted(shard.tokens, shard.sa)):
-            raise IndexFormatError(f"{index.root / shard.name}: suffix array is not sorted (corrupted)")
-        if shard.tokens.shape[0] and int(np.asarray(shard.tokens).max()) > shard.sep:
+        if not bool(_sa_sorted(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n)):
+            raise IndexFormatError(f"{index.root / shard.name}: suffix array is not a sorted permutation (corrupted)")
+        if shard.n and int(shard.token_ids().max()) > shard.sep:
             raise IndexFormatError(f"{index.root / shard.name}: token ids beyond the shard vocabulary")
-        checked += shard.tokens.shape[0]
+        checked += shard.n
     return {"tokens_checked": checked, "shards": len(index.shards)}
 
 
 @numba.njit(cache=True, nogil=True)
-def _sa_sorted(tokens, sa):
-    n = tokens.shape[0]
+def _sa_sorted(tok, tw, sa, sw, n):
     seen = np.zeros(n, np.bool_)
-    for row in range(sa.shape[0]):
-        p = sa[row]
+    for row in range(n):
+        p = bits_get(sa, row, sw)
         if p < 0 or p >= n or seen[p]:
             return False
         seen[p] = True
         if row > 0:
-            q = sa[row - 1]
+            q = bits_get(sa, row - 1, sw)
             j = 0
-            while q + j < n and p + j < n and tokens[q + j] == tokens[p + j]:
+            while q + j < n and p + j < n and bits_get(tok, q + j, tw) == bits_get(tok, p + j, tw):
                 j += 1
             # suffix q must sort below suffix p: q ends first, or differs with a smaller token
-            if p + j < n and (q + j >= n or tokens[q + j] < tokens[p + j]):
+            if p + j < n and (q + j >= n or bits_get(tok, q + j, tw) < bits_get(tok, p + j, tw)):
                 continue
             return False
     return True
