@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from retrospec.indexing.corpus import CorpusError, Document, ReadOptions, iter_documents
 from retrospec.indexing.store import (
     IndexFormatError,
-    check_tokenizer,
     now,
     publish,
     read_manifest,
@@ -179,6 +178,10 @@ def _tokenize(tokenizer, texts: list[str], add_eos: bool) -> list[np.ndarray]:
     return [np.asarray(x + eos, np.int64) for x in ids]
 
 
+INPUT_END = None
+"""Marks the end of one input in a document stream (a shard boundary with ``shard_per_input``)."""
+
+
 def build_index(
     inputs: list[str | Path],
     tokenizer,
@@ -190,64 +193,87 @@ def build_index(
     progress: bool = True,
 ) -> BuildReport:
     """Build (or, with ``append``, extend) the suffix index at ``out`` from ``inputs``."""
+    if not inputs:
+        raise CorpusError("no inputs given")
+
+    def token_docs(report: BuildReport):
+        for item in inputs:
+            batch: list[Document] = []
+
+            def drain():
+                start = time.perf_counter()
+                token_lists = _tokenize(tokenizer, [d.text for d in batch], options.add_eos)
+                report.tokenize_seconds += time.perf_counter() - start
+                pairs = list(zip(token_lists, batch))
+                batch.clear()
+                return pairs
+
+            for doc in iter_documents([item], read, tokenizer):
+                batch.append(doc)
+                if len(batch) >= options.batch_docs:
+                    yield from drain()
+            yield from drain()
+            yield INPUT_END
+
+    info = {**asdict(read), "inputs": [str(i) for i in inputs]}
+    return write_index(token_docs, tokenizer_identity(tokenizer), out, options, info, append=append, progress=progress)
+
+
+def write_index(
+    token_docs,
+    identity: dict,
+    out: str | Path,
+    options: BuildOptions = BuildOptions(),
+    info: dict | None = None,
+    *,
+    append: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Write an index from ``token_docs(report)``, a generator of ``(token ids, Document)``
+    pairs (and ``INPUT_END`` markers), for the tokenizer described by ``identity``."""
     import sqlite_utils
 
     out = Path(out)
-    if not inputs:
-        raise CorpusError("no inputs given")
     previous = None
     if append and out.exists():
         previous = read_manifest(out, FORMAT, FORMAT_VERSION)
-        check_tokenizer(previous, tokenizer)
+        if previous.data["tokenizer"]["fingerprint"] != identity["fingerprint"]:
+            raise IndexFormatError(f"{out}: built with another tokenizer ({previous.data['tokenizer']['name']!r}); cannot append")
     report = BuildReport(path=str(out))
     tmp = temp_dir_beside(out)
     try:
         old_shards = previous.data["shards"] if previous else []
         writer = _ShardWriter(tmp, options, len(old_shards), report)
-        bar = tqdm(desc="index build", unit="tok", unit_scale=True, disable=not progress)
-        for item in inputs:
-            batch: list[Document] = []
-
-            def drain() -> None:
-                start = time.perf_counter()
-                token_lists = _tokenize(tokenizer, [d.text for d in batch], options.add_eos)
-                report.tokenize_seconds += time.perf_counter() - start
-                for ids, doc in zip(token_lists, batch):
-                    if ids.shape[0]:
-                        writer.add(ids, doc)
-                        report.documents += 1
-                        report.tokens += ids.shape[0]
-                        bar.update(ids.shape[0])
-                batch.clear()
-
-            for doc in iter_documents([item], read, tokenizer):
-                batch.append(doc)
-                if len(batch) >= options.batch_docs:
-                    drain()
-            drain()
-            if options.shard_per_input:
-                writer.flush()
-        writer.flush()
-        bar.close()
+        with tqdm(desc="index build", unit="tok", unit_scale=True, disable=not progress) as bar:
+            for item in token_docs(report):
+                if item is INPUT_END:
+                    if options.shard_per_input:
+                        writer.flush()
+                    continue
+                ids, doc = item
+                if ids.shape[0]:
+                    writer.add(ids, doc)
+                    report.documents += 1
+                    report.tokens += ids.shape[0]
+                    bar.update(ids.shape[0])
+            writer.flush()
         if report.tokens == 0:
-            raise CorpusError(f"the inputs hold no text to index: {', '.join(map(str, inputs))}")
+            raise CorpusError(f"the inputs hold no text to index: {', '.join((info or {}).get('inputs', []))}")
         # carry the previous shards over (hard links: no copy of the bytes)
         for entry in old_shards:
             _link_tree(out / entry["name"], tmp / entry["name"])
-        db = sqlite_utils.Database(tmp / DOCS_DB)
         if previous is not None and (out / DOCS_DB).exists():
             shutil.copyfile(out / DOCS_DB, tmp / DOCS_DB)
-            db = sqlite_utils.Database(tmp / DOCS_DB)
-        db["documents"].insert_all(writer.rows, alter=True, batch_size=10_000)
+        sqlite_utils.Database(tmp / DOCS_DB)["documents"].insert_all(writer.rows, alter=True, batch_size=10_000)
         shards = old_shards + writer.entries
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "tokenizer": tokenizer_identity(tokenizer),
+            "tokenizer": identity,
             "tokens": sum(s["tokens"] for s in shards),
             "documents": sum(s["documents"] for s in shards),
             "shards": shards,
-            "build": {**asdict(options), **asdict(read), "inputs": [str(i) for i in inputs], "appended_to": bool(previous)},
+            "build": {**asdict(options), **(info or {}), "appended_to": bool(previous)},
             "created": now(),
         }
         write_manifest(tmp, manifest)

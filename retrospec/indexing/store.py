@@ -176,7 +176,32 @@ def save_array(root: Path, name: str, array: np.ndarray) -> dict:
     return entry
 
 
-def open_array(root: Path, name: str, entry: dict) -> np.ndarray:
+class MappedArray:
+    """A read-only memory-mapped array whose resident pages can be released.
+
+    The mapping is file-backed: pages the queries touch stay in the OS page cache, shared
+    by every process that opens the index. ``release()`` drops them from this process's
+    page tables (``MADV_DONTNEED``), so its resident set stays bounded however large the
+    index; touching them again costs a minor fault, not a disk read.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
+        import mmap
+
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(mmap, "MADV_RANDOM"):  # binary searches hop around: no read-ahead
+            self._map.madvise(mmap.MADV_RANDOM)
+        self.array = np.frombuffer(self._map, dtype=dtype).reshape(shape)
+
+    def release(self) -> None:
+        import mmap
+
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+
+def open_array(root: Path, name: str, entry: dict) -> MappedArray | np.ndarray:
     """Memory-map an array written by :func:`save_array` (read-only)."""
     dtype = np.dtype(entry["dtype"])
     shape = tuple(entry["shape"])
@@ -184,7 +209,7 @@ def open_array(root: Path, name: str, entry: dict) -> np.ndarray:
         raise IndexFormatError(f"{root / name}: manifest shape {shape} of {dtype} does not match {entry['bytes']} bytes")
     if entry["bytes"] == 0:
         return np.zeros(shape, dtype)
-    return np.memmap(root / name, dtype=dtype, mode="r", shape=shape)
+    return MappedArray(root / name, dtype, shape)
 
 
 def now() -> str:

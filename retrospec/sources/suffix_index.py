@@ -59,6 +59,9 @@ class SuffixConfig:
     """Occurrences sampled per query."""
     max_depth: int = 12
     """Longest continuation read after an occurrence."""
+    release_every: int = 64
+    """Release the index pages mapped into this process every this many queries (0: never),
+    so its resident memory stays bounded whatever the index size."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -306,6 +309,8 @@ class SuffixIndex:
 
     def __init__(self, root: Path, manifest: dict, shards: list[Shard], config: SuffixConfig):
         self.root, self.manifest, self.shards, self.config = root, manifest, shards, config
+        self._maps: list = []
+        self._queries = 0
 
     @classmethod
     def open(cls, root: str | Path, tokenizer=None, config: SuffixConfig | None = None) -> "SuffixIndex":
@@ -315,19 +320,28 @@ class SuffixIndex:
         root = manifest.root
         if tokenizer is not None:
             check_tokenizer(manifest, tokenizer)
-        shards = []
+        shards, maps = [], []
         for entry in manifest.data["shards"]:
             files = entry["files"]
             check_files(root, files)
             names = {k.rsplit("/", 1)[-1]: k for k in files}
-            arrays = {short: open_array(root, full, files[full]) for short, full in names.items()}
+            mapped = {short: open_array(root, full, files[full]) for short, full in names.items()}
+            maps.extend(m for m in mapped.values() if hasattr(m, "release"))
+            arrays = {short: getattr(m, "array", m) for short, m in mapped.items()}
             shard = Shard(entry["name"], int(entry["positions"]), arrays["tokens.bin"], int(entry["token_bits"]),
                           arrays["sa.bin"], int(entry["sa_bits"]), arrays["vocab.bin"], int(entry["sep"]))
             _spot_check(root / entry["name"], shard)
             shards.append(shard)
         if not shards:
             raise IndexFormatError(f"{root}: the index has no shards")
-        return cls(root, manifest.data, shards, config or SuffixConfig())
+        index = cls(root, manifest.data, shards, config or SuffixConfig())
+        index._maps = maps
+        return index
+
+    def release_pages(self) -> None:
+        """Drop the mapped pages this process has touched (see ``MappedArray``)."""
+        for m in self._maps:
+            m.release()
 
     @property
     def n_tokens(self) -> int:
@@ -340,6 +354,9 @@ class SuffixIndex:
     def query(self, context: np.ndarray, max_nodes: int = 64, max_depth: int | None = None) -> DraftTree:
         """The draft tree for the tokens after ``context`` (global token ids)."""
         cfg = self.config
+        self._queries += 1
+        if cfg.release_every and self._queries % cfg.release_every == 0:
+            self.release_pages()
         depth = min(cfg.max_depth, max_depth if max_depth is not None else cfg.max_depth)
         if depth <= 0 or max_nodes <= 0 or context.shape[0] == 0:
             return DraftTree.empty()

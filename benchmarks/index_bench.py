@@ -1,0 +1,162 @@
+"""Suffix-index measurements: query latency, and a synthetic large index for scale.
+
+    # query latency of an index (contexts: Spec-Bench prompts cut at random points)
+    python benchmarks/index_bench.py latency runs/idx/sharegpt-smollm2 --tokenizer smollm2-135m
+
+    # build a synthetic index of N tokens (the source index's documents repeated in shuffled
+    # order), then measure a fresh query process's resident memory and latency
+    python benchmarks/index_bench.py scale runs/idx/sharegpt-smollm2 --tokens 500000000 --out runs/idx/synthetic-500m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retrospec.indexing.build import BuildOptions, write_index
+from retrospec.indexing.corpus import Document
+from retrospec.sources.suffix_index import SuffixIndex
+
+SPECBENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "specbench" / "question.jsonl"
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory of this process from /proc (VmRSS = RssAnon + RssFile + RssShmem), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def contexts(tokenizer, n_cuts: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    with open(SPECBENCH, encoding="utf-8") as f:
+        for line in f:
+            ids = np.asarray(tokenizer(json.loads(line)["turns"][0], add_special_tokens=False).input_ids, np.int64)
+            if ids.shape[0] < 4:
+                continue
+            for cut in rng.integers(2, ids.shape[0] + 1, n_cuts):
+                out.append(ids[:cut])
+    return out
+
+
+def measure(index: SuffixIndex, queries: list[np.ndarray], max_nodes: int) -> dict:
+    for q in queries[:20]:  # compile the numba kernels and touch the pages once
+        index.query(q, max_nodes)
+    times, nodes = [], []
+    for q in queries:
+        start = time.perf_counter()
+        tree = index.query(q, max_nodes)
+        times.append(time.perf_counter() - start)
+        nodes.append(len(tree))
+    t = np.asarray(times) * 1e6
+    return {
+        "queries": len(queries),
+        "max_nodes": max_nodes,
+        "p50_us": round(float(np.percentile(t, 50)), 1),
+        "p99_us": round(float(np.percentile(t, 99)), 1),
+        "mean_us": round(float(t.mean()), 1),
+        "mean_nodes": round(float(np.mean(nodes)), 1),
+        "nonempty": round(float(np.mean(np.asarray(nodes) > 0)), 3),
+        "rss_mb": round(rss_mb(), 1),
+        "rss_anon_mb": round(rss_mb("RssAnon"), 1),
+        "rss_file_mb": round(rss_mb("RssFile"), 1),
+    }
+
+
+def cmd_latency(args) -> None:
+    from retrospec.index_cli import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    index = SuffixIndex.open(args.index, tokenizer=tokenizer)
+    result = measure(index, contexts(tokenizer, args.cuts), args.max_nodes)
+    result.update({"index": args.index, "tokens": index.n_tokens, "bytes_per_token": index.describe()["bytes_per_token"]})
+    print(json.dumps(result, indent=1))
+
+
+def cmd_scale(args) -> None:
+    source = SuffixIndex.open(args.index)
+    # the source's documents, as global token ids
+    docs = []
+    for shard in source.shards:
+        ids = shard.token_ids()
+        cuts = np.flatnonzero(ids == shard.sep)
+        start = 0
+        for cut in cuts.tolist():
+            docs.append(shard.vocab[ids[start:cut]].astype(np.int64))
+            start = cut + 1
+    per_round = sum(d.shape[0] for d in docs)
+    rounds = -(-args.tokens // per_round)
+    rng = np.random.default_rng(0)
+
+    def token_docs(report):
+        produced = 0
+        for r in range(rounds):
+            for i in rng.permutation(len(docs)):
+                if produced >= args.tokens:
+                    return
+                produced += docs[i].shape[0]
+                yield docs[i], Document("", f"synthetic:{r}:{i}", {})
+
+    start = time.perf_counter()
+    report = write_index(token_docs, source.manifest["tokenizer"], args.out, BuildOptions(shard_tokens=args.shard_tokens),
+                         {"synthetic_from": args.index})
+    build_s = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"tokens": report.tokens, "shards": report.shards, "build_seconds": round(build_s, 1),
+                      "index_tokens_per_second": round(report.index_tokens_per_second), "bytes_per_token": round(report.bytes_per_token, 3),
+                      "build_peak_rss_mb": round(peak_mb)}, indent=1))
+    # a fresh process opens the index and queries it: its memory must not grow with the index
+    probe = subprocess.run([sys.executable, __file__, "probe", args.out, "--tokenizer", args.tokenizer], capture_output=True, text=True)
+    print(probe.stdout or probe.stderr)
+
+
+def cmd_probe(args) -> None:
+    from retrospec.index_cli import load_tokenizer
+
+    before = rss_mb()
+    import retrospec  # noqa: F401  (import everything a real query process has before opening)
+    tokenizer = load_tokenizer(args.tokenizer)
+    before = rss_mb()
+    start = time.perf_counter()
+    index = SuffixIndex.open(args.index)
+    open_ms = (time.perf_counter() - start) * 1e3
+    result = measure(index, contexts(tokenizer, 4), 64)
+    result.update({"tokens": index.n_tokens, "shards": len(index.shards), "open_ms": round(open_ms, 1), "rss_before_open_mb": round(before, 1)})
+    print(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("latency")
+    p.add_argument("index")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--cuts", type=int, default=10)
+    p.add_argument("--max-nodes", type=int, default=64)
+    p.set_defaults(func=cmd_latency)
+    p = sub.add_parser("scale")
+    p.add_argument("index")
+    p.add_argument("--tokens", type=int, default=500_000_000)
+    p.add_argument("--shard-tokens", type=int, default=1 << 28)
+    p.add_argument("--tokenizer", default="smollm2-135m")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_scale)
+    p = sub.add_parser("probe")
+    p.add_argument("index")
+    p.add_argument("--tokenizer", required=True)
+    p.set_defaults(func=cmd_probe)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
