@@ -310,7 +310,7 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
 
     # warm-up: kernels, allocator, the step-cost profile of budget="auto"
     for _ in range(options.warmup):
-        ids = render(tokenizer, [{"role": "user", "content": records[0].turns[0]}], raw=records[0].raw)
+        ids = render(tokenizer, [{"role": "user", "content": records[0].turns[0]}], raw=records[0].raw).to(model.device)
         for m in methods:
             m.run(ids, records[0], 8)
 

@@ -75,7 +75,8 @@ def decode_row(
     Returns the new tokens and the statistics of this row.
     """
     stats = SpecStats(prefills=1)
-    device = ids.device
+    device = next(model.parameters()).device  # inputs may come on the CPU, as generate() allows
+    ids, shown = ids.to(device), shown.to(device)
     clock = _Clock(stats, device)
     prompt_len = ids.shape[1]
     if settings.max_positions is not None and prompt_len >= settings.max_positions:
