@@ -25,6 +25,7 @@ from retrospec.kvcache import layer_windows
 from retrospec.loop import DecodeSettings, decode_row
 from retrospec.speculator import Speculator
 from retrospec.stats import SpecStats
+from retrospec.verifier import StaticVerifier, make_verifier
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,19 @@ def _pad_token(generation_config) -> int:
     return int(pad)
 
 
+def _verifier_for(model, speculator: Speculator, settings: DecodeSettings, prompt_len: int, shown_len: int):
+    """The verifier of one row; sets the loop's node cap for fixed-shape verifiers."""
+    cfg = speculator.config
+    slots = (speculator.budget if isinstance(speculator.budget, int) else cfg.static_slots) + 1
+    new_tokens = (settings.max_length - shown_len) if settings.max_length is not None else 4096
+    verifier = make_verifier(model, cfg.verify, settings.windows, prompt_len + new_tokens + slots, slots, speculator.verifiers)
+    if isinstance(verifier, StaticVerifier):
+        settings.max_nodes, settings.flat_cost = slots - 1, True
+    else:
+        settings.max_nodes, settings.flat_cost = None, False
+    return verifier
+
+
 def custom_generate(
     model,
     input_ids: torch.LongTensor,
@@ -160,7 +174,8 @@ def custom_generate(
                 real = row[:, first:]
             if real.shape[1] == 0:
                 raise ValueError(f"row {b} of the batch has no tokens")
-            new, stats = decode_row(model, real, row, speculator, settings)
+            verifier = _verifier_for(model, speculator, settings, real.shape[1], row.shape[1])
+            new, stats = decode_row(model, real, row, speculator, settings, verifier)
             rows.append(new)
             total = total.merge(stats)
     if retrospec_streamer is not None:

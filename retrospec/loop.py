@@ -13,13 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrospec.compat import accepts, cache_kwarg
-from retrospec.kvcache import keep_path, new_cache
 from retrospec.sources.base import Verified
 from retrospec.speculator import Speculator
 from retrospec.stats import SpecStats
-from retrospec.tree import to_buffers
-from retrospec.verify import accept_greedy, accept_walk, forward_tree, pick_token
+from retrospec.verifier import Verifier
+from retrospec.verify import accept_greedy, accept_walk, pick_token
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +40,10 @@ class DecodeSettings:
     streamer: object | None = None
     documents: tuple[str, ...] = ()
     """Texts that came with the request, for document sources."""
+    max_nodes: int | None = None
+    """Most tree nodes the verifier takes per step (its slots minus the root)."""
+    flat_cost: bool = False
+    """The verifier costs the same for any tree up to ``max_nodes`` (fixed-shape graphs)."""
 
 
 class _Clock:
@@ -57,6 +59,31 @@ class _Clock:
         self.last = now
 
 
+class StopRule:
+    """When to stop: after every committed token, exactly as ``generate()`` decides.
+
+    Stopping criteria are arbitrary callables over the whole sequence; for the common ones
+    (``MaxLengthCriteria``, ``EosTokenCriteria``) the same decision is made on the host from
+    the token and the length, without a device round trip per token.
+    """
+
+    def __init__(self, criteria):
+        from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+        self.criteria = criteria
+        items = list(criteria) if criteria is not None else []
+        self.fast = all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in items)
+        self.max_length = min((c.max_length for c in items if isinstance(c, MaxLengthCriteria)), default=None)
+        self.eos = {int(t) for c in items if isinstance(c, EosTokenCriteria) for t in c.eos_token_id.reshape(-1).tolist()}
+
+    def first_stop(self, tokens: list[int], length_before: int) -> int | None:
+        """Fast path: how many of ``tokens`` to commit before stopping, or None (no stop)."""
+        for i, token in enumerate(tokens):
+            if token in self.eos or (self.max_length is not None and length_before + i + 1 >= self.max_length):
+                return i + 1
+        return None
+
+
 @torch.no_grad()
 def decode_row(
     model,
@@ -64,6 +91,7 @@ def decode_row(
     shown: torch.Tensor,
     speculator: Speculator,
     settings: DecodeSettings,
+    verifier: Verifier,
 ) -> tuple[list[int], SpecStats]:
     """Generate the continuation of one sequence.
 
@@ -71,6 +99,7 @@ def decode_row(
         ids: ``[1, L]`` the prompt tokens the model reads (no padding).
         shown: ``[1, P]`` the row as plain ``generate()`` shows it to logits processors and
             stopping criteria (left padding included); ends with ``ids``.
+        verifier: runs the forwards and keeps the cache (see :mod:`retrospec.verifier`).
 
     Returns the new tokens and the statistics of this row.
     """
@@ -91,43 +120,40 @@ def decode_row(
     context[:prompt_len] = ids[0].cpu().numpy()
     ctx_len = prompt_len
     new_tokens: list[int] = []
-    ckw = cache_kwarg(model)
-    cache = new_cache()
     greedy = settings.logits_processor is None and not settings.do_sample
+    rule = StopRule(settings.stopping_criteria)
 
     def commit(tokens: list[int]) -> tuple[int, bool]:
-        """Append tokens one by one, checking the stopping criteria after each."""
+        """Append tokens, stopping right after the first one a stopping criterion fires on."""
         nonlocal cur, seq, ctx_len, context
-        done = 0
-        for token in tokens:
-            if cur >= seq.shape[1]:  # only without a max_length: grow
-                seq = torch.cat([seq, torch.empty_like(seq)], dim=1)
-                context = np.concatenate([context, np.empty_like(context)])
+        while cur + len(tokens) > seq.shape[1]:  # only without a max_length: grow
+            seq = torch.cat([seq, torch.empty_like(seq)], dim=1)
+            context = np.concatenate([context, np.empty_like(context)])
+        if rule.fast:
+            cut = rule.first_stop(tokens, cur)
+            kept = tokens if cut is None else tokens[:cut]
+            seq[0, cur : cur + len(kept)] = torch.tensor(kept, dtype=torch.long)
+            cur += len(kept)
+            context[ctx_len : ctx_len + len(kept)] = kept
+            ctx_len += len(kept)
+            new_tokens.extend(kept)
+            return len(kept), cut is not None
+        for done, token in enumerate(tokens, 1):
             seq[0, cur] = token
             cur += 1
             context[ctx_len] = token
             ctx_len += 1
             new_tokens.append(token)
-            done += 1
             if bool(settings.stopping_criteria(seq[:, :cur], None).any()):
                 return done, True
-        return done, False
+        return len(tokens), False
 
     def stream(tokens: list[int]) -> None:
         if settings.streamer is not None and tokens:
             settings.streamer.put(torch.tensor(tokens, dtype=torch.long))
 
     # 1) prefill: the prompt, then the first new token from its last logits
-    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
-    out = model(
-        input_ids=ids,
-        position_ids=torch.arange(prompt_len, device=device)[None],
-        use_cache=True,
-        **{ckw: cache},
-        **extra,
-    )
-    first = pick_token(out.logits[0, -1:], seq[:, :cur], settings.logits_processor, settings.do_sample)
-    del out
+    first = pick_token(verifier.start(ids), seq[:, :cur], settings.logits_processor, settings.do_sample)
     done, stopped = commit([first])
     stream(new_tokens[-done:])
     stats.new_tokens += done
@@ -137,25 +163,22 @@ def decode_row(
     session = speculator.start_request(context[:prompt_len], model, settings.documents)
     topk = speculator.topk_wanted
     while not stopped:
-        # 2) draft, within the remaining length and the model's positions
+        # 2) draft, within the remaining length, the model's positions and the verifier's slots
         room = (settings.max_length - cur) if settings.max_length is not None else 1 << 30
         if settings.max_positions is not None:
             room = min(room, settings.max_positions - past_len)
-        tree = session.draft(context[:ctx_len], max_depth=max(room - 1, 0))
+        tree = session.draft(context[:ctx_len], max_depth=max(room - 1, 0), max_nodes=settings.max_nodes, flat_cost=settings.flat_cost)
         clock.lap("draft")
-        buffers = to_buffers(
-            tree, new_tokens[-1], past_len, dtype=model.dtype, device=device, windows=settings.windows
-        )
-        clock.lap("buffers")
         # 3) verify: one forward over root + tree
-        logits = forward_tree(model, cache, buffers)
+        root = new_tokens[-1]
+        buffers, logits = verifier.verify(tree, root, past_len)
         clock.lap("forward")
         if greedy:
             acc = accept_greedy(buffers, logits)
         else:
             acc = accept_walk(buffers, logits, seq[:, :cur], settings.logits_processor, settings.do_sample)
         clock.lap("accept")
-        # 4) commit token by token (a stop may cut the block), stream, compact the cache
+        # 4) commit (a stop may cut the block), stream, compact the cache
         done, stopped = commit(acc.tokens)
         stream(new_tokens[-done:])
         stats.steps += 1
@@ -169,13 +192,13 @@ def decode_row(
         for name, count in by_source.items():
             stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + count
         if not stopped:
-            keep_path(cache, past_len, acc.slots)
+            verifier.keep(past_len, acc.slots)
             past_len += acc.slots.shape[0]
         clock.lap("commit")
         # 5) update: the sources learn from what verification showed
         session.observe(
             Verified(
-                slot_tokens=buffers.input_ids[0].cpu().numpy(),
+                slot_tokens=np.concatenate([[root], tree.tokens]).astype(np.int64),
                 parent_slots=buffers.parent_slots,
                 accepted_slots=acc.slots,
                 committed=np.asarray(new_tokens[-done:], np.int64),
@@ -184,4 +207,3 @@ def decode_row(
         )
         clock.lap("update")
     return new_tokens, stats
-

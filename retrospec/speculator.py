@@ -41,6 +41,11 @@ class SpeculatorConfig:
     """How fusion combines the scores of a node proposed by several sources (``noisy_or`` or ``max``)."""
     calibrate: bool = True
     """Learn each source's acceptance rates online and rescale its scores with them."""
+    verify: str = "auto"
+    """Verifier: ``dynamic`` (exact-size trees, DynamicCache), ``static`` (fixed tree slots,
+    StaticCache), ``graph`` (static + a CUDA graph), or ``auto`` (graph on CUDA, else dynamic)."""
+    static_slots: int = 64
+    """Tree nodes per step of the static verifiers with ``budget="auto"`` (an int budget sets it)."""
 
     def __post_init__(self) -> None:
         if self.max_depth < 1 or self.source_nodes < 1 or self.max_budget < 1:
@@ -49,6 +54,12 @@ class SpeculatorConfig:
             )
         if self.combine not in ("noisy_or", "max"):
             raise ValueError(f"combine must be 'noisy_or' or 'max', got {self.combine!r}")
+        from retrospec.verifier import VERIFY_MODES
+
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
+        if self.static_slots < 1:
+            raise ValueError(f"static_slots must be >= 1, got {self.static_slots}")
 
 
 class Speculator:
@@ -86,6 +97,7 @@ class Speculator:
         self.config = config or SpeculatorConfig()
         self.calibrator = Calibrator(len(sources))
         self._costs: dict[int, StepCost] = {}
+        self.verifiers: dict = {}  # static verifiers (and their CUDA graphs), reused across requests
         self.last_stats = None  # SpecStats of the latest generate() call, set by the loop
 
     @property
@@ -122,16 +134,20 @@ class SpecSession:
         self._last: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._last_sources = np.zeros(0, np.uint32)
 
-    def _budget(self, scores: np.ndarray) -> int:
+    def _budget(self, scores: np.ndarray, max_nodes: int | None, flat_cost: bool) -> int:
         spec = self.speculator
+        cap = spec.config.max_budget if max_nodes is None else min(max_nodes, spec.config.max_budget)
         if spec.budget != AUTO:
-            return int(spec.budget)
+            return min(int(spec.budget), cap)
+        if flat_cost:  # a fixed-shape verifier costs the same for any tree that fits
+            return cap
         if self.cost is None:  # no model to measure: a middle-of-the-road default
-            return min(32, spec.config.max_budget)
-        return choose_budget(scores, self.cost, spec.config.max_budget)
+            return min(32, cap)
+        return choose_budget(scores, self.cost, cap)
 
-    def draft(self, context: np.ndarray, max_depth: int) -> DraftTree:
-        """The pruned, fused draft tree for the tokens after ``context``."""
+    def draft(self, context: np.ndarray, max_depth: int, max_nodes: int | None = None, flat_cost: bool = False) -> DraftTree:
+        """The pruned, fused draft tree for the tokens after ``context``, at most ``max_nodes``
+        nodes (``flat_cost``: the verifier's cost does not grow with the tree)."""
         spec, cfg = self.speculator, self.speculator.config
         depth_cap = min(max_depth, cfg.max_depth)
         # 1) every source proposes; a scorer (a draft model) then rescores the others' trees
@@ -157,7 +173,7 @@ class SpecSession:
             raws.append(raw)
             depths.append(depth)
         fused, mappings = fuse_with_index(trees, cfg.combine)
-        pruned, keep = prune_with_index(fused, self._budget(fused.scores))
+        pruned, keep = prune_with_index(fused, self._budget(fused.scores, max_nodes, flat_cost))
         # fused node -> verified slot (node i of the pruned tree sits in slot i + 1)
         slot_of = np.full(len(fused), -1, np.int64)
         slot_of[keep] = np.arange(1, keep.shape[0] + 1)

@@ -254,3 +254,24 @@ def test_bad_requests_get_clear_errors():
     mask[0, -3:] = 0
     with pytest.raises(ValueError, match="right padding"):
         retrospec.generate(llama, ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma3"])
+def test_static_cache_verifier_with_padded_trees(arch, caplog):
+    """The fixed-shape verifier (StaticCache, padded tree slots) is exact too; on sliding-window
+    models it falls back to the dynamic cache with a log line."""
+    model = tiny_model(arch)
+    config = retrospec.SpeculatorConfig(verify="static")
+    for seed in range(2):
+        ids = repetitive_prompt(96, 30, seed + 20)
+        ref = plain(model, ids, max_new_tokens=40)
+        oracle = OracleSource(ref[0, ids.shape[1] :].tolist(), 96, ids.shape[1], seed=seed)
+        speculator = retrospec.Speculator([oracle, retrospec.ContextSource()], budget=24, config=config)
+        with caplog.at_level("INFO"):
+            out = spec(model, ids, speculator, max_new_tokens=40)
+        assert torch.equal(out.sequences, ref), (arch, seed)
+        assert out.stats.mean_accepted > 2.0
+    if arch == "gemma3":
+        assert "verified with the dynamic cache" in caplog.text
+    else:
+        assert len(speculator.verifiers) == 1  # one static cache, reused across requests

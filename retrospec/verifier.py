@@ -1,0 +1,219 @@
+"""Verifiers: where the tree forward runs and how the KV cache follows the accepted path.
+
+* :class:`DynamicVerifier` (the default on CPU): a ``DynamicCache`` whose layers keep every
+  token, trees of exactly the drafted size, masks built per step. Handles sliding-window
+  models (windows applied in the mask).
+* :class:`StaticVerifier` (the default on CUDA): a ``StaticCache`` of fixed length and a
+  fixed number of tree slots (smaller trees are padded), all buffers preallocated on the
+  device, so that one verification is a fixed-shape computation — captured once as a CUDA
+  graph and replayed every step, which removes the per-kernel launch cost that otherwise
+  bounds a small model's step on a GPU.
+
+Both expose the same three calls to the loop: ``start`` (prefill), ``verify`` (one tree
+forward) and ``keep`` (compact the cache to the accepted path).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from retrospec.compat import accepts, cache_kwarg
+from retrospec.kvcache import keep_path, new_cache
+from retrospec.tree import DraftTree, TreeBuffers, ancestor_matrix, leaf_paths, to_buffers
+from retrospec.verify import forward_tree
+
+log = logging.getLogger(__name__)
+
+VERIFY_MODES = ("auto", "dynamic", "static", "graph")
+
+
+class Verifier(Protocol):
+    def start(self, ids: torch.Tensor) -> torch.Tensor:
+        """Prefill the prompt ``[1, L]``; return the logits ``[1, V]`` after its last token."""
+        ...
+
+    def verify(self, tree: DraftTree, root_token: int, past_len: int) -> tuple[TreeBuffers, torch.Tensor]:
+        """One forward of root + tree behind ``past_len`` cached tokens: buffers and logits ``[N+1, V]``."""
+        ...
+
+    def keep(self, past_len: int, slots: np.ndarray) -> None:
+        """Keep the cache entries of the accepted ``slots``."""
+        ...
+
+
+def _prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    out = model(
+        input_ids=ids,
+        position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
+        use_cache=True,
+        **{cache_kwarg(model): cache},
+        **extra,
+    )
+    return out.logits[0, -1:]
+
+
+class DynamicVerifier:
+    """Exact-size trees over a ``DynamicCache`` (see the module docstring)."""
+
+    def __init__(self, model, windows: dict[str, int | None]):
+        self.model, self.windows = model, windows
+        self.device = next(model.parameters()).device
+        self.cache = new_cache()
+
+    def start(self, ids: torch.Tensor) -> torch.Tensor:
+        self.cache = new_cache()
+        return _prefill(self.model, ids, self.cache)
+
+    def verify(self, tree: DraftTree, root_token: int, past_len: int) -> tuple[TreeBuffers, torch.Tensor]:
+        buffers = to_buffers(tree, root_token, past_len, dtype=self.model.dtype, device=self.device, windows=self.windows)
+        return buffers, forward_tree(self.model, self.cache, buffers)
+
+    def keep(self, past_len: int, slots: np.ndarray) -> None:
+        keep_path(self.cache, past_len, slots)
+
+
+class StaticVerifier:
+    """Fixed-shape trees over a ``StaticCache``, optionally replayed as a CUDA graph.
+
+    Args:
+        model: a full-attention decoder (sliding-window models use :class:`DynamicVerifier`).
+        max_len: the cache length (prompt + new tokens + ``slots`` must fit).
+        slots: tree slots per step, root included; smaller trees are padded.
+        graph: capture the verification forward as a CUDA graph on first use.
+    """
+
+    def __init__(self, model, max_len: int, slots: int, graph: bool):
+        from transformers import StaticCache
+
+        if graph and next(model.parameters()).device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.model, self.max_len, self.slots, self.use_graph = model, max_len, slots, graph
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.ckw = cache_kwarg(model)
+        self.min = torch.finfo(self.dtype).min
+        # the static inputs the graph reads, refilled every step
+        self.ids = torch.zeros(1, slots, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, slots, dtype=torch.long, device=self.device)
+        self.mask = torch.full((1, 1, slots, max_len), self.min, dtype=self.dtype, device=self.device)
+        self.block = torch.zeros(slots, slots, dtype=self.dtype, device=self.device)
+        pin = self.device.type == "cuda"
+        self.host_ids = torch.zeros(1, slots, dtype=torch.long).pin_memory() if pin else torch.zeros(1, slots, dtype=torch.long)
+        self.host_pos = torch.zeros_like(self.host_ids).pin_memory() if pin else torch.zeros_like(self.host_ids)
+        self.host_block = torch.zeros(slots, slots, dtype=self.dtype).pin_memory() if pin else torch.zeros(slots, slots, dtype=self.dtype)
+        self.graph = None
+        self.logits: torch.Tensor | None = None
+
+    def _set_length(self, length: int) -> None:
+        # StaticCache layers write at their `cumulative_length` (a device tensor, updated in place)
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", False):
+                layer.cumulative_length.fill_(length)
+
+    def start(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] + self.slots > self.max_len:
+            raise ValueError(f"a {ids.shape[1]}-token prompt does not fit a {self.max_len}-token static cache")
+        self._set_length(0)
+        return _prefill(self.model, ids, self.cache)
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask, use_cache=True, **{self.ckw: self.cache})
+        return out.logits[0]
+
+    def _capture(self, past_len: int) -> None:
+        """Warm up on a side stream, then capture one verification as a CUDA graph."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._set_length(past_len)
+                self._forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        self._set_length(past_len)
+        with torch.cuda.graph(graph):
+            self.logits = self._forward()
+        self.graph = graph
+        log.info("retrospec: captured the %d-slot verification as a CUDA graph (cache %d)", self.slots, self.max_len)
+
+    def verify(self, tree: DraftTree, root_token: int, past_len: int) -> tuple[TreeBuffers, torch.Tensor]:
+        n = len(tree) + 1
+        if n > self.slots:
+            raise ValueError(f"a tree of {n - 1} nodes does not fit {self.slots} slots")
+        if past_len + self.slots > self.max_len:
+            raise ValueError(f"the static cache ({self.max_len}) is full at {past_len} tokens")
+        # 1) host side: padded ids and positions, the tree block of the mask
+        parents = tree.parents
+        depth = np.concatenate([[0], tree.depths()]).astype(np.int64)
+        self.host_ids.fill_(root_token)
+        self.host_ids[0, 1:n] = torch.from_numpy(tree.tokens)
+        self.host_pos.fill_(past_len)
+        self.host_pos[0, :n] = torch.from_numpy(past_len + depth)
+        visible = np.eye(self.slots, dtype=bool)  # padding slots see only themselves
+        visible[:n, :n] = ancestor_matrix(parents)
+        self.host_block.copy_(torch.from_numpy(np.where(visible, 0.0, float(self.min)).astype(np.float32)))
+        # 2) device side: upload (asynchronously from pinned memory) and lay out the mask
+        self.ids.copy_(self.host_ids, non_blocking=True)
+        self.pos.copy_(self.host_pos, non_blocking=True)
+        self.block.copy_(self.host_block, non_blocking=True)
+        self.mask.fill_(self.min)
+        self.mask[0, 0, :, :past_len] = 0
+        self.mask[0, 0, :, past_len : past_len + self.slots] = self.block
+        # 3) the forward: replay the graph, or run eagerly
+        self._set_length(past_len)
+        if self.use_graph:
+            if self.graph is None:
+                self._capture(past_len)
+                self._set_length(past_len)
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._forward()
+        slot_tokens = np.concatenate([[root_token], tree.tokens]).astype(np.int64)
+        buffers = TreeBuffers(
+            input_ids=torch.from_numpy(slot_tokens)[None].to(self.device, non_blocking=True),
+            position_ids=self.pos[:, :n],
+            attention_mask=self.mask,
+            retrieve=torch.from_numpy(leaf_paths(parents)).to(self.device, non_blocking=True),
+            parent_slots=np.concatenate([[-1], parents.astype(np.int64) + 1]),
+        )
+        return buffers, logits[:n]
+
+    def keep(self, past_len: int, slots: np.ndarray) -> None:
+        keep = slots.shape[0]
+        if np.array_equal(slots, np.arange(keep)):
+            return  # already in place; the next step's length overwrites the rest
+        index = torch.from_numpy(past_len + slots).to(self.device, non_blocking=True)
+        for layer in self.cache.layers:
+            layer.keys[:, :, past_len : past_len + keep] = layer.keys.index_select(2, index)
+            layer.values[:, :, past_len : past_len + keep] = layer.values.index_select(2, index)
+
+
+def make_verifier(model, mode: str, windows: dict[str, int | None], max_len: int, slots: int, pool: dict | None = None) -> Verifier:
+    """The verifier for ``mode`` (see ``VERIFY_MODES``); static verifiers are reused from
+    ``pool`` (their CUDA graph stays captured) for the same model, cache length and slots."""
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify mode must be one of {VERIFY_MODES}, got {mode!r}")
+    device = next(model.parameters()).device
+    full_attention = all(w is None for w in windows.values())
+    if mode == "auto":
+        mode = "graph" if device.type == "cuda" and full_attention else "dynamic"
+    if mode in ("static", "graph") and not full_attention:
+        log.info("retrospec: sliding-window layers are verified with the dynamic cache (static mode asked)")
+        mode = "dynamic"
+    if mode == "dynamic":
+        return DynamicVerifier(model, windows)
+    bucket = 1 << max(int(max_len - 1).bit_length(), 10)  # a few cache sizes serve all requests
+    key = (id(model), mode, bucket, slots)
+    if pool is not None and key in pool:
+        return pool[key]
+    verifier = StaticVerifier(model, bucket, slots, graph=(mode == "graph"))
+    if pool is not None:
+        pool[key] = verifier
+    return verifier
