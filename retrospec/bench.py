@@ -136,6 +136,8 @@ class BenchOptions:
     recycling: str | None = None
     categories: tuple[str, ...] = ()
     warmup: int = 1
+    verify: str = "auto"
+    profile: bool = False
     command: str = ""
 
 
@@ -162,9 +164,28 @@ def _greedy(name, model, tokenizer, options):
     return PlainMethod(name, model, tokenizer)
 
 
+class StaticGreedy(PlainMethod):
+    """Plain greedy ``generate()`` with one fixed-size ``StaticCache`` for every prompt, so
+    transformers compiles its decoding step once (a per-prompt cache size would recompile)."""
+
+    def __init__(self, name, model, tokenizer, max_cache_len: int = 4096):
+        from transformers import StaticCache
+
+        from retrospec.compat import cache_kwarg
+
+        super().__init__(name, model, tokenizer)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.cache_name = "cache" if cache_kwarg(model) == "cache" else "past_key_values"
+
+    def _generate(self, ids, record, max_new_tokens):
+        self.cache.reset()
+        self.kwargs = {self.cache_name: self.cache}
+        return super()._generate(ids, record, max_new_tokens)
+
+
 @method("greedy-static")
 def _greedy_static(name, model, tokenizer, options):
-    return PlainMethod(name, model, tokenizer, cache_implementation="static")
+    return StaticGreedy(name, model, tokenizer)
 
 
 @method("assistant")
@@ -182,6 +203,12 @@ def _pld(name, model, tokenizer, options):
     return PlainMethod(name, model, tokenizer, prompt_lookup_num_tokens=10)
 
 
+def _config(options: BenchOptions):
+    from retrospec.speculator import SpeculatorConfig
+
+    return SpeculatorConfig(verify=options.verify, profile=options.profile)
+
+
 def _stores(options: BenchOptions):
     from retrospec.defaults import Datastores
 
@@ -193,7 +220,7 @@ def _retrospec(name, model, tokenizer, options):
     from retrospec.defaults import default_sources
 
     sources = default_sources(model, tokenizer, _stores(options))
-    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=_budget(options)), use_documents=True)
+    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=_budget(options), config=_config(options)), use_documents=True)
 
 
 def _sources_method(name, model, tokenizer, options):
@@ -206,7 +233,7 @@ def _sources_method(name, model, tokenizer, options):
     budget = _budget(options)
     if names == ["recycling"] and budget == "auto":
         budget = len(sources[0].template)
-    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=budget), use_documents="documents" in names)
+    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=budget, config=_config(options)), use_documents="documents" in names)
 
 
 def split_budget(name: str) -> tuple[str, str | None]:
@@ -354,6 +381,9 @@ def _accumulate_details(details: dict, stats: retrospec.SpecStats) -> None:
     details["accepted_by_several"] = details.get("accepted_by_several", 0) + stats.accepted_by_several
     details["accepted_drafts"] = details.get("accepted_drafts", 0) + stats.accepted_drafts
     details["drafted_nodes"] = details.get("drafted_nodes", 0) + stats.drafted_nodes
+    if stats.step_seconds:
+        details.setdefault("step_seconds", []).extend(stats.step_seconds)
+        details.setdefault("step_device_seconds", []).extend(stats.step_device_seconds)
     details["steps"] = details.get("steps", 0) + stats.steps
     for key, value in stats.seconds.items():
         details.setdefault("seconds", {})
@@ -413,6 +443,17 @@ def report_markdown(doc: dict, result: BenchResult, options: BenchOptions, model
                 f"{d.get('drafted_nodes', 0) / steps:.1f} | {1e3 * host / steps:.2f} |"
             )
         lines.append("")
+        profiled = {n: d for n, d in result.details.items() if d.get("step_seconds")}
+        if profiled:
+            lines += ["## Step time (profiled: device synchronised after each verification)", "",
+                      "| method | steps | median step ms | median device ms | median host ms | host share |", "|---|---:|---:|---:|---:|---:|"]
+            for name, d in profiled.items():
+                total = np.asarray(d["step_seconds"])
+                device = np.asarray(d["step_device_seconds"])
+                host = total - device
+                lines.append(f"| {name} | {total.size} | {1e3 * np.median(total):.2f} | {1e3 * np.median(device):.2f} | "
+                             f"{1e3 * np.median(host):.2f} | {np.median(host / total):.0%} |")
+            lines.append("")
     return "\n".join(lines)
 
 

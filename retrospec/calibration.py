@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from retrospec.tree import ROOT, DraftTree
+from retrospec.tree import ROOT, DraftTree, path_products
 
 
 SCORE_EDGES = (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -80,8 +80,4 @@ def conditional_scores(tree: DraftTree) -> np.ndarray:
 
 def path_scores(parents: np.ndarray, conditional: np.ndarray) -> np.ndarray:
     """Products of conditional scores along each path (parents come first)."""
-    scores = conditional.astype(np.float32).copy()
-    for i, parent in enumerate(parents.tolist()):
-        if parent != ROOT:
-            scores[i] *= scores[parent]
-    return scores
+    return path_products(parents, conditional.astype(np.float32))

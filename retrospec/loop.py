@@ -47,16 +47,29 @@ class DecodeSettings:
 
 
 class _Clock:
-    """Accumulates wall time per phase into ``stats.seconds``."""
+    """Accumulates wall time per phase into ``stats.seconds``; when profiling, also each
+    step's total and its (synchronised) forward time."""
 
-    def __init__(self, stats: SpecStats, device: torch.device):
-        self.stats, self.sync = stats, device.type == "cuda"
-        self.last = time.perf_counter()
+    def __init__(self, stats: SpecStats, device: torch.device, profile: bool):
+        self.stats, self.profile = stats, profile
+        self.sync = profile and device.type == "cuda"
+        self.last = self.step_start = time.perf_counter()
+        self.forward = 0.0
 
     def lap(self, phase: str) -> None:
+        if phase == "forward" and self.sync:
+            torch.cuda.synchronize()
         now = time.perf_counter()
         self.stats.add_time(phase, now - self.last)
+        if phase == "forward":
+            self.forward = now - self.last
         self.last = now
+
+    def end_step(self) -> None:
+        if self.profile:
+            self.stats.step_seconds.append(self.last - self.step_start)
+            self.stats.step_device_seconds.append(self.forward)
+        self.step_start = self.last
 
 
 class StopRule:
@@ -106,7 +119,7 @@ def decode_row(
     stats = SpecStats(prefills=1)
     device = next(model.parameters()).device  # inputs may come on the CPU, as generate() allows
     ids, shown = ids.to(device), shown.to(device)
-    clock = _Clock(stats, device)
+    clock = _Clock(stats, device, speculator.config.profile)
     prompt_len = ids.shape[1]
     if settings.max_positions is not None and prompt_len >= settings.max_positions:
         raise ValueError(
@@ -159,6 +172,7 @@ def decode_row(
     stats.new_tokens += done
     past_len = prompt_len  # tokens in the cache; the root (last committed token) is not
     clock.lap("prefill")
+    clock.step_start = clock.last  # steps are timed from here
 
     session = speculator.start_request(context[:prompt_len], model, settings.documents)
     topk = speculator.topk_wanted
@@ -206,4 +220,5 @@ def decode_row(
             )
         )
         clock.lap("update")
+        clock.end_step()
     return new_tokens, stats

@@ -43,9 +43,13 @@ class SpeculatorConfig:
     """Learn each source's acceptance rates online and rescale its scores with them."""
     verify: str = "auto"
     """Verifier: ``dynamic`` (exact-size trees, DynamicCache), ``static`` (fixed tree slots,
-    StaticCache), ``graph`` (static + a CUDA graph), or ``auto`` (graph on CUDA, else dynamic)."""
+    StaticCache), ``graph`` (static + a CUDA graph), ``compile`` (graph of a torch.compile'd
+    step), or ``auto`` (graph on CUDA, else dynamic)."""
     static_slots: int = 64
     """Tree nodes per step of the static verifiers with ``budget="auto"`` (an int budget sets it)."""
+    profile: bool = False
+    """Synchronise the device around each verification and record per-step host and device
+    times in ``SpecStats`` (for measurements; it costs a little speed on GPUs)."""
 
     def __post_init__(self) -> None:
         if self.max_depth < 1 or self.source_nodes < 1 or self.max_budget < 1:

@@ -30,7 +30,12 @@ class SpecStats:
     accepted_drafts: int = 0
     """Accepted draft tokens (excluding bonus tokens)."""
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time by phase: ``prefill``, ``draft``, ``buffers``, ``forward``, ``accept``, ``commit``, ``update``."""
+    """Wall time by phase: ``prefill``, ``draft``, ``forward``, ``accept``, ``commit``, ``update``."""
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall time of each step (filled when profiling, see ``SpeculatorConfig.profile``)."""
+    step_device_seconds: list[float] = field(default_factory=list)
+    """Time of each step spent in the verification forward, the device synchronised
+    (profiling only); the rest of the step is host time."""
 
     @property
     def mean_accepted(self) -> float:
@@ -65,6 +70,8 @@ class SpecStats:
             + (other.accepted_hist[k] if k < len(other.accepted_hist) else 0)
             for k in range(width)
         ]
+        out.step_seconds = self.step_seconds + other.step_seconds
+        out.step_device_seconds = self.step_device_seconds + other.step_device_seconds
         for part in (self, other):
             for key, value in part.accepted_by_source.items():
                 out.accepted_by_source[key] = out.accepted_by_source.get(key, 0) + value
@@ -84,4 +91,13 @@ class SpecStats:
             "accepted_by_source": dict(self.accepted_by_source),
             "accepted_by_several": self.accepted_by_several,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            **({"median_host_ms_per_step": round(1e3 * self.median_host_seconds, 3)} if self.step_seconds else {}),
         }
+
+    @property
+    def median_host_seconds(self) -> float:
+        """Median per-step host time (step wall time minus the synchronised forward)."""
+        if not self.step_seconds:
+            return 0.0
+        host = sorted(t - d for t, d in zip(self.step_seconds, self.step_device_seconds))
+        return host[len(host) // 2]

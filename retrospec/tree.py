@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
+import numba
 import numpy as np
 import torch
 
@@ -103,19 +104,11 @@ class DraftTree:
 
     def depths(self) -> np.ndarray:
         """``int32 [N]`` depth of each node; children of the root have depth 1."""
-        depth = np.zeros(len(self), np.int32)
-        for i, parent in enumerate(self.parents.tolist()):
-            depth[i] = 1 if parent == ROOT else depth[parent] + 1
-        return depth
+        return _depths(self.parents)
 
     def with_monotone_scores(self) -> "DraftTree":
         """Clip scores into ``[SCORE_EPS, 1]`` and to at most the parent's score."""
-        scores = np.clip(self.scores.astype(np.float32), SCORE_EPS, 1.0)
-        parents = self.parents.tolist()
-        for i, parent in enumerate(parents):
-            if parent != ROOT and scores[i] > scores[parent]:
-                scores[i] = scores[parent]
-        return DraftTree(self.tokens, self.parents, scores, self.sources)
+        return DraftTree(self.tokens, self.parents, _monotone(self.parents, self.scores.astype(np.float32)), self.sources)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first broken invariant."""
@@ -149,6 +142,40 @@ class DraftTree:
         return out
 
 
+# Hot loops over a tree, compiled. Invariant they rely on: parents[i] < i, so one forward
+# pass sees every parent before its children.
+@numba.njit(cache=True, nogil=True)
+def _depths(parents):
+    depth = np.empty(parents.shape[0], np.int32)
+    for i in range(parents.shape[0]):
+        depth[i] = 1 if parents[i] < 0 else depth[parents[i]] + 1
+    return depth
+
+
+@numba.njit(cache=True, nogil=True)
+def _monotone(parents, scores):
+    out = np.empty(scores.shape[0], np.float32)
+    for i in range(scores.shape[0]):
+        s = min(max(scores[i], SCORE_EPS), 1.0)
+        if parents[i] >= 0 and s > out[parents[i]]:
+            s = out[parents[i]]
+        out[i] = s
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def path_products(parents, conditional):
+    """``float32 [N]``: the product of ``conditional`` along each node's path.
+
+    >>> path_products(np.array([-1, 0, 1]), np.array([0.5, 0.5, 0.5], np.float32)).tolist()
+    [0.5, 0.25, 0.125]
+    """
+    out = np.empty(conditional.shape[0], np.float32)
+    for i in range(conditional.shape[0]):
+        out[i] = conditional[i] if parents[i] < 0 else conditional[i] * out[parents[i]]
+    return out
+
+
 def fuse(trees: Sequence[DraftTree], combine: str = "noisy_or") -> DraftTree:
     """Merge trees by longest-prefix match: the same token path becomes one node.
 
@@ -177,37 +204,60 @@ def fuse_with_index(
         tree = nonempty[0] if nonempty else DraftTree.empty()
         return tree, [np.arange(len(t), dtype=np.int64) for t in trees]
 
-    index: dict[tuple[int, int], int] = {}
-    tokens: list[int] = []
-    parents: list[int] = []
-    miss: list[float] = []  # noisy-or: product of (1 - s); max: the running max
-    sources: list[int] = []
-    mappings = []
-    for tree in trees:
-        mapping = np.empty(len(tree), np.int64)
-        for i, (token, parent, score, src) in enumerate(
-            zip(tree.tokens.tolist(), tree.parents.tolist(), tree.scores.tolist(), tree.sources.tolist())
-        ):
-            fused_parent = ROOT if parent == ROOT else int(mapping[parent])
-            key = (fused_parent, token)
-            node = index.get(key)
-            if node is None:
-                node = index[key] = len(tokens)
-                tokens.append(token)
-                parents.append(fused_parent)
-                miss.append(1.0 - score if combine == "noisy_or" else score)
-                sources.append(src)
-            else:
-                miss[node] = miss[node] * (1.0 - score) if combine == "noisy_or" else max(miss[node], score)
-                sources[node] |= src
-            mapping[i] = node
-        mappings.append(mapping)
-    values = np.asarray(miss, np.float32)
-    scores = 1.0 - values if combine == "noisy_or" else values
-    fused = DraftTree(
-        np.asarray(tokens, np.int64), np.asarray(parents, np.int32), scores, np.asarray(sources, np.uint32)
+    offsets = np.cumsum([0] + [len(t) for t in trees])
+    tokens, parents, scores, sources, mapping = _fuse(
+        np.concatenate([t.tokens for t in trees]).astype(np.int64),
+        np.concatenate([t.parents for t in trees]).astype(np.int64),
+        np.concatenate([t.scores for t in trees]).astype(np.float64),
+        np.concatenate([t.sources for t in trees]).astype(np.int64),
+        offsets.astype(np.int64),
+        combine == "noisy_or",
     )
-    return fused.with_monotone_scores(), mappings
+    fused = DraftTree(tokens, parents.astype(np.int32), scores.astype(np.float32), sources.astype(np.uint32))
+    return fused.with_monotone_scores(), [mapping[offsets[k] : offsets[k + 1]] for k in range(len(trees))]
+
+
+@numba.njit(cache=True, nogil=True)
+def _fuse(tokens, parents, scores, sources, offsets, noisy_or):
+    """Merge concatenated tries (``offsets`` delimit them; parents are tree-local) by
+    (fused parent, token), with an open-addressing table. Invariant: within each tree
+    parents come first, so a node's fused parent is known when the node is reached."""
+    total = tokens.shape[0]
+    cap = 16
+    while cap < 2 * total:
+        cap *= 2
+    slot_parent = np.full(cap, -2, np.int64)
+    slot_token = np.zeros(cap, np.int64)
+    slot_node = np.zeros(cap, np.int64)
+    out_tokens = np.empty(total, np.int64)
+    out_parents = np.empty(total, np.int64)
+    acc = np.empty(total, np.float64)  # noisy-or: product of (1 - s); max: the running max
+    out_sources = np.zeros(total, np.int64)
+    mapping = np.empty(total, np.int64)
+    n = 0
+    for t in range(offsets.shape[0] - 1):
+        base = offsets[t]
+        for i in range(offsets[t], offsets[t + 1]):
+            p = parents[i]
+            fused_parent = -1 if p < 0 else mapping[base + p]
+            token = tokens[i]
+            h = ((fused_parent + 1) * 0x9E3779B1 + token * 0x85EBCA77) & (cap - 1)
+            while slot_parent[h] != -2 and not (slot_parent[h] == fused_parent and slot_token[h] == token):
+                h = (h + 1) & (cap - 1)
+            if slot_parent[h] == -2:
+                slot_parent[h], slot_token[h], slot_node[h] = fused_parent, token, n
+                out_tokens[n], out_parents[n] = token, fused_parent
+                acc[n] = 1.0 - scores[i] if noisy_or else scores[i]
+                out_sources[n] = sources[i]
+                node = n
+                n += 1
+            else:
+                node = slot_node[h]
+                acc[node] = acc[node] * (1.0 - scores[i]) if noisy_or else max(acc[node], scores[i])
+                out_sources[node] |= sources[i]
+            mapping[i] = node
+    values = 1.0 - acc[:n] if noisy_or else acc[:n]
+    return out_tokens[:n], out_parents[:n], values, out_sources[:n], mapping
 
 
 def prune(tree: DraftTree, budget: int) -> DraftTree:

@@ -5,9 +5,10 @@
   models (windows applied in the mask).
 * :class:`StaticVerifier` (the default on CUDA): a ``StaticCache`` of fixed length and a
   fixed number of tree slots (smaller trees are padded), all buffers preallocated on the
-  device, so that one verification is a fixed-shape computation — captured once as a CUDA
-  graph and replayed every step, which removes the per-kernel launch cost that otherwise
-  bounds a small model's step on a GPU.
+  device, so that one verification — moving the previous step's accepted slots into place,
+  then the forward — is a fixed-shape computation, captured once as a CUDA graph and
+  replayed every step (``graph``), optionally compiled first (``compile``). That removes
+  the per-kernel launch cost that otherwise bounds a small model's step on a GPU.
 
 Both expose the same three calls to the loop: ``start`` (prefill), ``verify`` (one tree
 forward) and ``keep`` (compact the cache to the accepted path).
@@ -28,7 +29,7 @@ from retrospec.verify import forward_tree
 
 log = logging.getLogger(__name__)
 
-VERIFY_MODES = ("auto", "dynamic", "static", "graph")
+VERIFY_MODES = ("auto", "dynamic", "static", "graph", "compile")
 
 
 class Verifier(Protocol):
@@ -85,9 +86,11 @@ class StaticVerifier:
         max_len: the cache length (prompt + new tokens + ``slots`` must fit).
         slots: tree slots per step, root included; smaller trees are padded.
         graph: capture the verification forward as a CUDA graph on first use.
+        compile: compile the verification step with ``torch.compile`` first (fused kernels;
+            compilation takes a while on first use).
     """
 
-    def __init__(self, model, max_len: int, slots: int, graph: bool):
+    def __init__(self, model, max_len: int, slots: int, graph: bool, compile: bool = False):
         from transformers import StaticCache
 
         if graph and next(model.parameters()).device.type != "cuda":
@@ -107,8 +110,16 @@ class StaticVerifier:
         self.host_ids = torch.zeros(1, slots, dtype=torch.long).pin_memory() if pin else torch.zeros(1, slots, dtype=torch.long)
         self.host_pos = torch.zeros_like(self.host_ids).pin_memory() if pin else torch.zeros_like(self.host_ids)
         self.host_block = torch.zeros(slots, slots, dtype=self.dtype).pin_memory() if pin else torch.zeros(slots, slots, dtype=self.dtype)
+        # the previous step's accepted slots, moved into place at the start of the next forward
+        self.move_src = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.move_dst = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.host_moves = torch.zeros(2, slots, dtype=torch.long).pin_memory() if pin else torch.zeros(2, slots, dtype=torch.long)
+        self.moves: tuple[int, np.ndarray] | None = None
         self.graph = None
         self.logits: torch.Tensor | None = None
+        self.compiled = None
+        if compile:
+            self.compiled = torch.compile(self._step, dynamic=False)
 
     def _set_length(self, length: int) -> None:
         # StaticCache layers write at their `cumulative_length` (a device tensor, updated in place)
@@ -120,11 +131,19 @@ class StaticVerifier:
         if ids.shape[1] + self.slots > self.max_len:
             raise ValueError(f"a {ids.shape[1]}-token prompt does not fit a {self.max_len}-token static cache")
         self._set_length(0)
+        self.moves = None
         return _prefill(self.model, ids, self.cache)
 
-    def _forward(self) -> torch.Tensor:
+    def _step(self) -> torch.Tensor:
+        """One fixed-shape step: move last step's accepted slots into place, then the forward."""
+        for layer in self.cache.layers:
+            layer.keys.index_copy_(2, self.move_dst, layer.keys.index_select(2, self.move_src))
+            layer.values.index_copy_(2, self.move_dst, layer.values.index_select(2, self.move_src))
         out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask, use_cache=True, **{self.ckw: self.cache})
         return out.logits[0]
+
+    def _forward(self) -> torch.Tensor:
+        return self.compiled() if self.compiled is not None else self._step()
 
     def _capture(self, past_len: int) -> None:
         """Warm up on a side stream, then capture one verification as a CUDA graph."""
@@ -158,7 +177,17 @@ class StaticVerifier:
         visible = np.eye(self.slots, dtype=bool)  # padding slots see only themselves
         visible[:n, :n] = ancestor_matrix(parents)
         self.host_block.copy_(torch.from_numpy(np.where(visible, 0.0, float(self.min)).astype(np.float32)))
+        # the slot moves of the previous step (identity moves on a scratch position pad them)
+        scratch = self.max_len - 1
+        self.host_moves.fill_(scratch)
+        if self.moves is not None:
+            prev_len, slots = self.moves
+            self.host_moves[0, : slots.shape[0]] = torch.from_numpy(prev_len + slots)
+            self.host_moves[1, : slots.shape[0]] = torch.from_numpy(prev_len + np.arange(slots.shape[0]))
+            self.moves = None
         # 2) device side: upload (asynchronously from pinned memory) and lay out the mask
+        self.move_src.copy_(self.host_moves[0], non_blocking=True)
+        self.move_dst.copy_(self.host_moves[1], non_blocking=True)
         self.ids.copy_(self.host_ids, non_blocking=True)
         self.pos.copy_(self.host_pos, non_blocking=True)
         self.block.copy_(self.host_block, non_blocking=True)
@@ -186,13 +215,10 @@ class StaticVerifier:
         return buffers, logits[:n]
 
     def keep(self, past_len: int, slots: np.ndarray) -> None:
-        keep = slots.shape[0]
-        if np.array_equal(slots, np.arange(keep)):
-            return  # already in place; the next step's length overwrites the rest
-        index = torch.from_numpy(past_len + slots).to(self.device, non_blocking=True)
-        for layer in self.cache.layers:
-            layer.keys[:, :, past_len : past_len + keep] = layer.keys.index_select(2, index)
-            layer.values[:, :, past_len : past_len + keep] = layer.values.index_select(2, index)
+        # deferred: the next step moves them, inside its (graphed) forward; a contiguous
+        # accepted prefix is already in place
+        if not np.array_equal(slots, np.arange(slots.shape[0])):
+            self.moves = (past_len, slots.copy())
 
 
 def make_verifier(model, mode: str, windows: dict[str, int | None], max_len: int, slots: int, pool: dict | None = None) -> Verifier:
@@ -204,7 +230,7 @@ def make_verifier(model, mode: str, windows: dict[str, int | None], max_len: int
     full_attention = all(w is None for w in windows.values())
     if mode == "auto":
         mode = "graph" if device.type == "cuda" and full_attention else "dynamic"
-    if mode in ("static", "graph") and not full_attention:
+    if mode in ("static", "graph", "compile") and not full_attention:
         log.info("retrospec: sliding-window layers are verified with the dynamic cache (static mode asked)")
         mode = "dynamic"
     if mode == "dynamic":
@@ -213,7 +239,8 @@ def make_verifier(model, mode: str, windows: dict[str, int | None], max_len: int
     key = (id(model), mode, bucket, slots)
     if pool is not None and key in pool:
         return pool[key]
-    verifier = StaticVerifier(model, bucket, slots, graph=(mode == "graph"))
+    cuda = device.type == "cuda"
+    verifier = StaticVerifier(model, bucket, slots, graph=mode == "graph" or (mode == "compile" and cuda), compile=mode == "compile")
     if pool is not None:
         pool[key] = verifier
     return verifier

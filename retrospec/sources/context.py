@@ -12,8 +12,8 @@ The index grows with each committed token (``_extend``); it is never rebuilt.
 >>> src = ContextSource(ContextConfig(max_depth=3))
 >>> session = src.start_request(np.array([1, 2, 3, 9, 1, 2, 4, 1, 2]))
 >>> tree = session.propose(np.array([1, 2, 3, 9, 1, 2, 4, 1, 2]), max_nodes=8, max_depth=3)
->>> tree.paths()   # "1 2" was followed by "4 1 2" (most recent) and by "3 9 1"
-[[4, 1, 2], [3, 9, 1]]
+>>> tree.paths()   # "1 2" was followed by "3 9 1" and by "4 1 2"
+[[3, 9, 1], [4, 1, 2]]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from retrospec.sources.base import Verified
-from retrospec.sources.trie import continuation_trie
+from retrospec.sources.trie import PAD, continuation_trie
 from retrospec.tree import DraftTree
 
 
@@ -87,12 +87,19 @@ class NgramIndex:
         self.max_n = max_n
         self.seq: list[int] = []
         self.ends: dict[tuple[int, ...], list[int]] = {}
+        self._array = np.empty(256, np.int64)  # the same tokens, for vectorised reads
 
     def __len__(self) -> int:
         return len(self.seq)
 
     def extend(self, tokens: Sequence[int]) -> None:
         seq, ends, max_n = self.seq, self.ends, self.max_n
+        start = len(seq)
+        if start + len(tokens) > self._array.shape[0]:
+            grown = np.empty(max(2 * self._array.shape[0], start + len(tokens)), np.int64)
+            grown[:start] = self._array[:start]
+            self._array = grown
+        self._array[start : start + len(tokens)] = tokens
         for token in tokens:
             seq.append(int(token))
             t = len(seq) - 1
@@ -128,6 +135,17 @@ class NgramIndex:
         if stop is not None and stop in out:
             out = out[: out.index(stop)]
         return out
+
+    def continuation_rows(self, ends: Sequence[int], depth: int) -> np.ndarray:
+        """``int64 [len(ends), depth]``: the tokens after each end position, ``PAD`` past the end.
+
+        >>> index = NgramIndex(2); index.extend([1, 2, 3])
+        >>> index.continuation_rows([0, 1], 3).tolist()
+        [[2, 3, -1], [3, -1, -1]]
+        """
+        n = len(self.seq)
+        idx = np.asarray(ends, np.int64)[:, None] + 1 + np.arange(depth)
+        return np.where(idx < n, self._array[np.minimum(idx, n - 1)], PAD)
 
 
 class ContextSession:
@@ -176,12 +194,12 @@ class ContextSession:
             matches = self.skip_matches(skip)
         if not matches:
             return DraftTree.empty()
-        continuations = [self.index.continuation(end + skip, depth) for end, _ in matches]
-        weights = [cfg.match_weight**n for _, n in matches]
+        rows = self.index.continuation_rows([end + skip for end, _ in matches], depth)
+        weights = cfg.match_weight ** np.asarray([n for _, n in matches], np.float64)
         longest = matches[0][1]
         # a 1-token match predicts far worse than an 8-token one, and a skip-gram worse still
         root_conf = longest / (longest + 1.0 + 2.0 * skip)
-        return continuation_trie(continuations, weights, root_conf=root_conf, decay=0.9, max_nodes=max_nodes)
+        return continuation_trie(rows, weights, root_conf=root_conf, decay=0.9, max_nodes=max_nodes)
 
     def observe(self, step: Verified) -> None:
         """Nothing to learn: committed tokens reach the index through the next ``propose``."""

@@ -25,13 +25,14 @@ import numpy as np
 
 from retrospec.sources.base import Verified
 from retrospec.sources.context import NgramIndex
-from retrospec.sources.trie import continuation_trie
+from retrospec.sources.trie import PAD, continuation_trie
 from retrospec.tree import DraftTree
 
 log = logging.getLogger(__name__)
 
-DOC_SEP = -1
-"""Separator between documents in the per-request index (no token has this id)."""
+DOC_SEP = PAD
+"""Separator between documents in the per-request index: no token has this id, and as the
+trie's padding value it ends every continuation that reaches it."""
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,9 @@ class DocumentSession:
                 self.index.extend([DOC_SEP])
                 self.offsets.append(np.asarray(offsets, np.int64).reshape(-1, 2)[:, 1])
 
-    def _fuzzy(self, context: np.ndarray, depth: int) -> list[tuple[list[int], float]]:
-        """Continuations after the document spans that the recent text aligns with.
+    def _fuzzy(self, context: np.ndarray) -> list[tuple[int, float]]:
+        """Index positions that end the document spans the recent text aligns with, and the
+        alignment scores (0-1).
 
         ``partial_ratio_alignment`` finds the span; when it covers less of the document than
         the recent text is long (the model paraphrased its last words: "finished" for
@@ -143,9 +145,7 @@ class DocumentSession:
             unmatched = max((hit.src_end - hit.src_start) - (hit.dest_end - hit.dest_start), 0)
             target = hit.dest_end + unmatched
             token = int(np.argmin(np.abs(ends - target)))  # the document token that ends the anchor
-            cont = self.index.continuation(start + token, depth, stop=DOC_SEP)
-            if cont:
-                found.append((cont, hit.score / 100.0))
+            found.append((start + token, hit.score / 100.0))
         return found
 
     def propose(self, context: np.ndarray, max_nodes: int, max_depth: int) -> DraftTree:
@@ -155,19 +155,20 @@ class DocumentSession:
         depth = min(max_depth, cfg.max_depth)
         tail = np.asarray(context[-cfg.max_ngram :]).tolist()
         matches = self.index.occurrences(tail, cfg.min_ngram, cfg.max_matches)
-        continuations = [self.index.continuation(end, depth, stop=DOC_SEP) for end, _ in matches]
+        ends = [end for end, _ in matches]
         weights = [cfg.match_weight**n for _, n in matches]
         longest = matches[0][1] if matches else 0
         if longest < cfg.fuzzy_below:
-            for cont, score in self._fuzzy(np.asarray(context), depth):
-                continuations.append(cont)
+            for end, score in self._fuzzy(np.asarray(context)):
+                ends.append(end)
                 weights.append(score * cfg.match_weight**cfg.fuzzy_below)
                 longest = max(longest, cfg.fuzzy_below)
-        pairs = [(c, w) for c, w in zip(continuations, weights) if c]
-        if not pairs:
+        if not ends:
             return DraftTree.empty()
+        # continuations end at a document separator (DOC_SEP is the trie's padding value)
+        rows = self.index.continuation_rows(ends, depth)
         root_conf = longest / (longest + 1.0)
-        return continuation_trie([c for c, _ in pairs], [w for _, w in pairs], root_conf=root_conf, decay=0.92, max_nodes=max_nodes)
+        return continuation_trie(rows, np.asarray(weights), root_conf=root_conf, decay=0.92, max_nodes=max_nodes)
 
     def observe(self, step: Verified) -> None:
         """The documents are fixed for the request: nothing to learn."""

@@ -28,10 +28,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numba
 import numpy as np
 
 from retrospec.sources.base import Verified
-from retrospec.tree import ROOT, DraftTree
+from retrospec.tree import ROOT, DraftTree, path_products
 
 FORMAT_VERSION = 1
 EMPTY = -1
@@ -124,21 +125,9 @@ class TokenRecycling:
         """BFS over the template from ``root_token``; nodes without a candidate are skipped
         together with their subtrees."""
         n = len(self.template)
-        tokens = np.empty(n, np.int64)
-        alive = np.zeros(n, bool)
-        depth = np.zeros(n, np.int64)
-        matrix = self.matrix
-        for i in range(n):  # template order is BFS: parents first
-            parent = self._parent[i]
-            if parent == ROOT:
-                source, depth[i] = root_token, 1
-            elif alive[parent]:
-                source, depth[i] = tokens[parent], depth[parent] + 1
-            else:
-                continue
-            token = matrix[source, self._rank[i]] if 0 <= source < matrix.shape[0] else EMPTY
-            if token != EMPTY and depth[i] <= max_depth:
-                tokens[i], alive[i] = token, True
+        if not 0 <= root_token < self.matrix.shape[0]:
+            return DraftTree.empty()
+        tokens, alive = _bfs(self.matrix, self._parent, self._rank, root_token, max_depth)
         # BFS order: a parent precedes its children, so the first max_nodes live nodes are prefix-closed
         keep = np.flatnonzero(alive)[:max_nodes]
         if keep.size == 0:
@@ -150,10 +139,7 @@ class TokenRecycling:
         return self._tree(keep, parents, tokens[keep])
 
     def _tree(self, keep: np.ndarray, parents: np.ndarray, tokens: np.ndarray) -> DraftTree:
-        scores = self._conditional[keep].copy()
-        for j, p in enumerate(parents.tolist()):
-            if p != ROOT:
-                scores[j] *= scores[p]
+        scores = path_products(parents, self._conditional[keep])
         return DraftTree(tokens, parents, scores, np.ones(keep.size, np.uint32)).with_monotone_scores()
 
     def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "RecyclingSession":
@@ -211,6 +197,28 @@ class TokenRecycling:
                 raise ValueError(f"{path}: made for another model (fingerprint {meta['fingerprint']}, this model {expected})")
         rec.matrix[:] = matrix
         return rec
+
+
+@numba.njit(cache=True, nogil=True)
+def _bfs(matrix, parent, rank, root_token, max_depth):
+    """Tokens of the template's nodes from ``root_token``; ``alive`` is False where a node
+    (or an ancestor) has no candidate or lies deeper than ``max_depth``."""
+    n = parent.shape[0]
+    tokens = np.zeros(n, np.int64)
+    alive = np.zeros(n, np.bool_)
+    depth = np.zeros(n, np.int64)
+    for i in range(n):  # template order is BFS: parents first
+        p = parent[i]
+        if p < 0:
+            source, depth[i] = root_token, 1
+        elif alive[p]:
+            source, depth[i] = tokens[p], depth[p] + 1
+        else:
+            continue
+        token = matrix[source, rank[i]]
+        if token != EMPTY and depth[i] <= max_depth:
+            tokens[i], alive[i] = token, True
+    return tokens, alive
 
 
 class RecyclingSession:

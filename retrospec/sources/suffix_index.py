@@ -39,7 +39,8 @@ from retrospec.indexing.store import (
     read_manifest,
 )
 from retrospec.sources.base import Verified
-from retrospec.tree import DraftTree, prune
+from retrospec.sources.trie import continuation_trie
+from retrospec.tree import DraftTree
 
 log = logging.getLogger(__name__)
 
@@ -220,44 +221,6 @@ def gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0):
     return take
 
 
-@numba.njit(cache=True, nogil=True)
-def trie_from_sorted(rows):
-    """Merge lexicographically sorted, ``-1``-padded rows into a trie.
-
-    Returns ``(tokens, parents, counts, n_nodes, n_rows_with_a_token)``; nodes come in DFS
-    order, so parents precede children.
-    """
-    r_count, depth = rows.shape
-    cap = r_count * depth
-    tokens = np.empty(cap, np.int64)
-    parents = np.empty(cap, np.int64)
-    counts = np.zeros(cap, np.int64)
-    path = np.full(depth, -1, np.int64)
-    n_nodes = 0
-    total = 0
-    for r in range(r_count):
-        if rows[r, 0] < 0:
-            continue
-        total += 1
-        lcp = 0
-        if r > 0:
-            while lcp < depth and rows[r, lcp] >= 0 and rows[r, lcp] == rows[r - 1, lcp]:
-                lcp += 1
-        for d in range(depth):
-            t = rows[r, d]
-            if t < 0:
-                break
-            if d < lcp:
-                counts[path[d]] += 1
-            else:
-                tokens[n_nodes] = t
-                parents[n_nodes] = path[d - 1] if d > 0 else -1
-                counts[n_nodes] = 1
-                path[d] = n_nodes
-                n_nodes += 1
-    return tokens, parents, counts, n_nodes, total
-
-
 # --------------------------------------------------------------------------- the index
 @dataclass
 class Shard:
@@ -283,18 +246,6 @@ class Shard:
 
     def sa_entry(self, row: int) -> int:
         return int(bits_get(self.sa, row, self.sa_bits))
-
-
-def trie_scores(parents: np.ndarray, counts: np.ndarray, total: int, root_conf: float, decay: float) -> np.ndarray:
-    """Path scores: a node's count over its parent's (+1 smoothing), times ``root_conf`` at
-    depth 1 and ``decay`` below, multiplied down the path."""
-    parent_counts = np.where(parents < 0, total, counts[np.maximum(parents, 0)]).astype(np.float64)
-    conditional = counts / (parent_counts + 1.0) * np.where(parents < 0, root_conf, decay)
-    scores = conditional.astype(np.float32)
-    for i, p in enumerate(parents.tolist()):
-        if p >= 0:
-            scores[i] *= scores[p]
-    return scores
 
 
 class SuffixIndex:
@@ -380,16 +331,8 @@ class SuffixIndex:
             block = rows[start:used]
             valid = block >= 0
             block[valid] = shard.vocab[block[valid]]  # back to global ids
-        rows = rows[:used]
-        if len(found) > 1:  # rows of different shards: restore one lexicographic order
-            rows = rows[np.lexsort(rows.T[::-1])]
-        tokens, parents, counts, n, total_rows = trie_from_sorted(rows)
-        if n == 0:
-            return DraftTree.empty()
-        tokens, parents, counts = tokens[:n], parents[:n], counts[:n]
-        scores = trie_scores(parents, counts, total_rows, root_conf=best / (best + 1.0), decay=0.95)
-        tree = DraftTree(tokens, parents.astype(np.int32), scores, np.ones(n, np.uint32)).with_monotone_scores()
-        return prune(tree, max_nodes)
+        # counts as scores, +1 smoothing: one occurrence is weaker evidence than fifty
+        return continuation_trie(rows[:used], None, root_conf=best / (best + 1.0), decay=0.95, smoothing=1.0, max_nodes=max_nodes)
 
     def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "SuffixIndexSession":
         return SuffixIndexSession(self)

@@ -5,12 +5,13 @@ document) where the current suffix occurred before, and the tokens that followed
 occurrence are guesses for what follows now. This module merges those continuations into
 one :class:`~retrospec.tree.DraftTree` with count-based scores.
 
-Scoring. A node's *conditional* score is the weighted share of the continuations through
-its parent that go on with its token, times a confidence (``root_conf`` at depth 1,
-``decay`` deeper: even unanimous evidence diverges eventually). The path score is the
-product of conditional scores along the path.
+Scoring. A node's *conditional* score is its weighted share of the continuations that go
+on below its parent (``smoothing`` pseudo-weight added to the total, so thin evidence
+counts for less), times a confidence (``root_conf`` at depth 1, ``decay`` deeper: even
+unanimous evidence diverges eventually). The path score is the product along the path.
 
->>> t = continuation_trie([[4, 5, 6], [4, 5, 7], [8]], weights=[1.0, 1.0, 2.0], root_conf=1.0, decay=1.0)
+>>> rows = pad_rows([[4, 5, 6], [4, 5, 7], [8]], 3)
+>>> t = continuation_trie(rows, np.array([1.0, 1.0, 2.0]), root_conf=1.0, decay=1.0)
 >>> t.tokens.tolist(), [round(float(s), 2) for s in t.scores]
 ([4, 5, 6, 7, 8], [0.5, 0.5, 0.25, 0.25, 0.5])
 """
@@ -19,57 +20,89 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numba
 import numpy as np
 
-from retrospec.tree import ROOT, DraftTree, prune
+from retrospec.tree import DraftTree, path_products, prune
+
+PAD = -1
+"""Fills the rows of continuations shorter than the matrix."""
+
+
+def pad_rows(continuations: Sequence[Sequence[int]], depth: int) -> np.ndarray:
+    """``int64 [K, depth]`` rows, ``PAD``-filled.
+
+    >>> pad_rows([[1, 2], [3]], 3).tolist()
+    [[1, 2, -1], [3, -1, -1]]
+    """
+    rows = np.full((len(continuations), depth), PAD, np.int64)
+    for i, cont in enumerate(continuations):
+        cont = list(cont)[:depth]
+        rows[i, : len(cont)] = cont
+    return rows
+
+
+@numba.njit(cache=True, nogil=True)
+def _weighted_trie(rows, weights):
+    """Merge lexicographically sorted, PAD-filled rows into a trie.
+
+    Invariant: sorted rows share their common prefix with the previous row, so one pass
+    that compares each row with the one before finds every shared node. Nodes come in DFS
+    order (parents first). Returns ``(tokens, parents, mass)``.
+    """
+    r_count, depth = rows.shape
+    tokens = np.empty(r_count * depth, np.int64)
+    parents = np.empty(r_count * depth, np.int64)
+    mass = np.zeros(r_count * depth, np.float64)
+    path = np.full(depth, -1, np.int64)
+    n = 0
+    for r in range(r_count):
+        if rows[r, 0] < 0:
+            continue
+        lcp = 0
+        if r > 0:
+            while lcp < depth and rows[r, lcp] >= 0 and rows[r, lcp] == rows[r - 1, lcp]:
+                lcp += 1
+        w = weights[r]
+        for d in range(depth):
+            t = rows[r, d]
+            if t < 0:
+                break
+            if d < lcp:
+                mass[path[d]] += w
+            else:
+                tokens[n] = t
+                parents[n] = path[d - 1] if d > 0 else -1
+                mass[n] = w
+                path[d] = n
+                n += 1
+    return tokens[:n], parents[:n], mass[:n]
 
 
 def continuation_trie(
-    continuations: Sequence[Sequence[int]],
-    weights: Sequence[float] | None = None,
+    rows: np.ndarray,
+    weights: np.ndarray | None = None,
     *,
     root_conf: float = 1.0,
     decay: float = 0.9,
-    source: int = 0,
+    smoothing: float = 0.0,
     max_nodes: int | None = None,
 ) -> DraftTree:
-    """Merge ``continuations`` (token lists, most relevant first) into a scored trie.
+    """Merge continuation ``rows`` (``int64 [K, D]``, ``PAD``-filled) into a scored trie.
 
-    ``weights[i]`` is the evidence weight of continuation ``i`` (default 1). The trie is
-    pruned to the ``max_nodes`` best nodes by path score.
+    ``weights[i]`` is the evidence weight of row ``i`` (default 1). The trie is pruned to
+    the ``max_nodes`` best nodes by path score.
     """
-    if weights is None:
-        weights = [1.0] * len(continuations)
-    index: dict[tuple[int, int], int] = {}
-    tokens: list[int] = []
-    parents: list[int] = []
-    mass: list[float] = []
-    child_mass: dict[int, float] = {ROOT: 0.0}
-    for cont, weight in zip(continuations, weights):
-        parent = ROOT
-        for token in cont:
-            key = (parent, int(token))
-            node = index.get(key)
-            if node is None:
-                node = index[key] = len(tokens)
-                tokens.append(int(token))
-                parents.append(parent)
-                mass.append(0.0)
-            mass[node] += weight
-            child_mass[parent] = child_mass.get(parent, 0.0) + weight
-            parent = node
-    if not tokens:
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
         return DraftTree.empty()
-    scores = np.empty(len(tokens), np.float32)
-    for i, parent in enumerate(parents):
-        if parent == ROOT:
-            scores[i] = root_conf * mass[i] / child_mass[ROOT]
-        else:
-            scores[i] = scores[parent] * decay * mass[i] / child_mass[parent]
-    tree = DraftTree(
-        np.asarray(tokens, np.int64),
-        np.asarray(parents, np.int32),
-        scores,
-        np.full(len(tokens), 1 << source, np.uint32),
-    ).with_monotone_scores()
+    weights = np.ones(rows.shape[0]) if weights is None else np.asarray(weights, np.float64)
+    order = np.lexsort(rows.T[::-1])
+    tokens, parents, mass = _weighted_trie(np.ascontiguousarray(rows[order]), weights[order])
+    if tokens.shape[0] == 0:
+        return DraftTree.empty()
+    child_mass = np.bincount(parents + 1, weights=mass, minlength=tokens.shape[0] + 1)  # [0] = the root's
+    conditional = mass / (child_mass[parents + 1] + smoothing)
+    conditional *= np.where(parents < 0, root_conf, decay)
+    scores = path_products(parents, conditional.astype(np.float32))
+    tree = DraftTree(tokens, parents.astype(np.int32), scores, np.ones(tokens.shape[0], np.uint32)).with_monotone_scores()
     return tree if max_nodes is None else prune(tree, max_nodes)
