@@ -319,8 +319,9 @@ class BenchResult:
 
 
 def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
-    """Run the benchmark and write ``results.json``, ``report.md``, ``speedup.png`` and
-    ``outputs.jsonl`` under ``options.out``. ``model``/``tokenizer`` may be passed in."""
+    """Run the benchmark and write ``results.json``, ``report.md``, ``speedup.png``,
+    ``details.json`` (per-method timings and attribution) and ``outputs.jsonl`` under
+    ``options.out``. ``model``/``tokenizer`` may be passed in."""
     if REFERENCE not in options.methods:
         raise ValueError(f"methods must include {REFERENCE!r}: it is the reference for speedup and identity")
     for name in options.methods:
@@ -335,11 +336,12 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
         result.tallies[m.name] = {}
     log.info("bench: %d prompts x %d methods on %s (%s)", len(records), len(methods), options.model, options.dtype)
 
-    # warm-up: kernels, allocator, the step-cost profile of budget="auto"
+    # warm-up: kernels, allocator, compiled graphs and numba kernels, the step-cost profile
+    # of budget="auto" — long enough that every code path of a step has run once
     for _ in range(options.warmup):
         ids = render(tokenizer, [{"role": "user", "content": records[0].turns[0]}], raw=records[0].raw).to(model.device)
         for m in methods:
-            m.run(ids, records[0], 8)
+            m.run(ids, records[0], min(48, options.max_new_tokens))
 
     for record in tqdm(records, desc="bench", unit="prompt"):
         reference_tokens: list[list[int]] | None = None
@@ -399,6 +401,7 @@ def write_outputs(result: BenchResult, options: BenchOptions, model) -> None:
         for row in result.outputs:
             f.write(json.dumps(row) + "\n")
     (out / "report.md").write_text(report_markdown(doc, result, options, model))
+    (out / "details.json").write_text(json.dumps(result.details))
     plot_speedup(doc, out / "speedup.png")
     log.info("bench: wrote %s", out)
 

@@ -17,7 +17,7 @@ from retrospec.sources.base import Verified
 from retrospec.speculator import Speculator
 from retrospec.stats import SpecStats
 from retrospec.verifier import Verifier
-from retrospec.verify import accept_greedy, accept_walk, pick_token
+from retrospec.verify import accept_greedy_host, accept_walk, pick_token, predictions
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,17 @@ def decode_row(
             room = min(room, settings.max_positions - past_len)
         tree = session.draft(context[:ctx_len], max_depth=max(room - 1, 0), max_nodes=settings.max_nodes, flat_cost=settings.flat_cost)
         clock.lap("draft")
-        # 3) verify: one forward over root + tree
+        # 3) verify: one forward over root + tree, then acceptance
         root = new_tokens[-1]
+        slot_tokens = np.concatenate([[root], tree.tokens]).astype(np.int64)
         buffers, logits = verifier.verify(tree, root, past_len)
         clock.lap("forward")
         if greedy:
-            acc = accept_greedy(buffers, logits)
+            preds, top = predictions(logits, topk)  # one device-to-host copy per step
+            acc = accept_greedy_host(slot_tokens, buffers.parent_slots, preds)
         else:
             acc = accept_walk(buffers, logits, seq[:, :cur], settings.logits_processor, settings.do_sample)
+            top = logits.topk(topk, dim=-1).indices.cpu().numpy() if topk else None
         clock.lap("accept")
         # 4) commit (a stop may cut the block), stream, compact the cache
         done, stopped = commit(acc.tokens)
@@ -212,11 +215,11 @@ def decode_row(
         # 5) update: the sources learn from what verification showed
         session.observe(
             Verified(
-                slot_tokens=np.concatenate([[root], tree.tokens]).astype(np.int64),
+                slot_tokens=slot_tokens,
                 parent_slots=buffers.parent_slots,
                 accepted_slots=acc.slots,
                 committed=np.asarray(new_tokens[-done:], np.int64),
-                topk=logits.topk(topk, dim=-1).indices.cpu().numpy() if topk else None,
+                topk=top,
             )
         )
         clock.lap("update")

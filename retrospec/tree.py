@@ -319,7 +319,8 @@ class TreeBuffers(NamedTuple):
         attention_mask: float additive ``[1, 1, N+1, past_len+N+1]`` in the model dtype
             (``0`` = visible, dtype min = masked), or a dict of such masks by layer type
             for models that mix full and sliding-window attention.
-        retrieve: ``LongTensor [P, D+1]``: for each root-to-leaf path, its slots
+        retrieve: ``LongTensor [P, D+1]`` (or ``None`` when acceptance walks the tree on the
+            host): for each root-to-leaf path, its slots
             (``retrieve[p, 0] == 0``), right-padded with ``-1``.
         parent_slots: ``int64 [N+1]`` (numpy): the slot of each slot's parent, ``-1`` for the root.
     """
@@ -327,7 +328,7 @@ class TreeBuffers(NamedTuple):
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | dict[str, torch.Tensor]
-    retrieve: torch.Tensor
+    retrieve: torch.Tensor | None
     parent_slots: np.ndarray
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+import numba
 import numpy as np
 import torch
 
 from retrospec.compat import accepts, cache_kwarg
 from retrospec.kvcache import keep_path, new_cache
-from retrospec.tree import DraftTree, TreeBuffers, ancestor_matrix, leaf_paths, to_buffers
+from retrospec.tree import DraftTree, TreeBuffers, to_buffers
 from retrospec.verify import forward_tree
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,12 @@ class StaticVerifier:
         self.ids = torch.zeros(1, slots, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, slots, dtype=torch.long, device=self.device)
         self.mask = torch.full((1, 1, slots, max_len), self.min, dtype=self.dtype, device=self.device)
-        self.block = torch.zeros(slots, slots, dtype=self.dtype, device=self.device)
+        self.block = torch.zeros(slots, slots, dtype=torch.float32, device=self.device)
         pin = self.device.type == "cuda"
         self.host_ids = torch.zeros(1, slots, dtype=torch.long).pin_memory() if pin else torch.zeros(1, slots, dtype=torch.long)
         self.host_pos = torch.zeros_like(self.host_ids).pin_memory() if pin else torch.zeros_like(self.host_ids)
-        self.host_block = torch.zeros(slots, slots, dtype=self.dtype).pin_memory() if pin else torch.zeros(slots, slots, dtype=self.dtype)
+        self.host_block = torch.zeros(slots, slots, dtype=torch.float32).pin_memory() if pin else torch.zeros(slots, slots, dtype=torch.float32)
+        self.host_block_np = self.host_block.numpy()  # the same memory, written by numba
         # the previous step's accepted slots, moved into place at the start of the next forward
         self.move_src = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.move_dst = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -174,9 +176,7 @@ class StaticVerifier:
         self.host_ids[0, 1:n] = torch.from_numpy(tree.tokens)
         self.host_pos.fill_(past_len)
         self.host_pos[0, :n] = torch.from_numpy(past_len + depth)
-        visible = np.eye(self.slots, dtype=bool)  # padding slots see only themselves
-        visible[:n, :n] = ancestor_matrix(parents)
-        self.host_block.copy_(torch.from_numpy(np.where(visible, 0.0, float(self.min)).astype(np.float32)))
+        _fill_block(self.host_block_np, parents, float(self.min))  # padding slots see only themselves
         # the slot moves of the previous step (identity moves on a scratch position pad them)
         scratch = self.max_len - 1
         self.host_moves.fill_(scratch)
@@ -190,7 +190,7 @@ class StaticVerifier:
         self.move_dst.copy_(self.host_moves[1], non_blocking=True)
         self.ids.copy_(self.host_ids, non_blocking=True)
         self.pos.copy_(self.host_pos, non_blocking=True)
-        self.block.copy_(self.host_block, non_blocking=True)
+        self.block.copy_(self.host_block, non_blocking=True)  # float32 -> model dtype on the device
         self.mask.fill_(self.min)
         self.mask[0, 0, :, :past_len] = 0
         self.mask[0, 0, :, past_len : past_len + self.slots] = self.block
@@ -204,12 +204,11 @@ class StaticVerifier:
             logits = self.logits
         else:
             logits = self._forward()
-        slot_tokens = np.concatenate([[root_token], tree.tokens]).astype(np.int64)
         buffers = TreeBuffers(
-            input_ids=torch.from_numpy(slot_tokens)[None].to(self.device, non_blocking=True),
+            input_ids=self.ids[:, :n],
             position_ids=self.pos[:, :n],
             attention_mask=self.mask,
-            retrieve=torch.from_numpy(leaf_paths(parents)).to(self.device, non_blocking=True),
+            retrieve=None,  # acceptance walks the tree on the host (see verify.accept_greedy_host)
             parent_slots=np.concatenate([[-1], parents.astype(np.int64) + 1]),
         )
         return buffers, logits[:n]
@@ -219,6 +218,22 @@ class StaticVerifier:
         # accepted prefix is already in place
         if not np.array_equal(slots, np.arange(slots.shape[0])):
             self.moves = (past_len, slots.copy())
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_block(block, parents, masked):
+    """The tree part of the mask in place: slot i sees itself and its ancestors (slot 0 is
+    the root; node j sits in slot j + 1); padding slots see only themselves."""
+    block[:, :] = masked
+    for i in range(block.shape[0]):
+        block[i, i] = 0.0
+    for j in range(parents.shape[0]):
+        row = j + 1
+        block[row, 0] = 0.0
+        p = parents[j]
+        while p >= 0:
+            block[row, p + 1] = 0.0
+            p = parents[p]
 
 
 def make_verifier(model, mode: str, windows: dict[str, int | None], max_len: int, slots: int, pool: dict | None = None) -> Verifier:

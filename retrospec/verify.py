@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 import torch
 
@@ -69,6 +70,43 @@ def accept_greedy(buffers: TreeBuffers, logits: torch.Tensor) -> Acceptance:
     slots = paths[best, : depth + 1]
     result = torch.cat([candidates[best, 1 : depth + 1], preds[slots[-1]].reshape(1)]).tolist()
     return Acceptance(slots.cpu().numpy(), result)
+
+
+def predictions(logits: torch.Tensor, topk: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each slot's argmax (and its top-k, when a source wants them), in one device-to-host copy."""
+    preds = logits.argmax(dim=-1, keepdim=True)
+    if topk:
+        both = torch.cat([preds, logits.topk(topk, dim=-1).indices], dim=1).cpu().numpy()
+        return both[:, 0], both[:, 1:]
+    return preds[:, 0].cpu().numpy(), None
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk(slot_tokens, parent_slots, preds):
+    n = slot_tokens.shape[0]
+    path = np.empty(n, np.int64)
+    path[0], length, slot = 0, 1, 0
+    while True:
+        nxt = -1
+        for child in range(slot + 1, n):  # children come after their parent
+            if parent_slots[child] == slot and slot_tokens[child] == preds[slot]:
+                nxt = child
+                break
+        if nxt < 0:
+            return path[:length]
+        path[length] = nxt
+        length += 1
+        slot = nxt
+
+
+def accept_greedy_host(slot_tokens: np.ndarray, parent_slots: np.ndarray, preds: np.ndarray) -> Acceptance:
+    """:func:`accept_greedy` on the host, from each slot's argmax ``preds``.
+
+    >>> accept_greedy_host(np.array([1, 5, 6, 7]), np.array([-1, 0, 1, 0]), np.array([5, 9, 0, 0]))
+    Acceptance(slots=array([0, 1]), tokens=[5, 9])
+    """
+    slots = _walk(slot_tokens, parent_slots, preds)
+    return Acceptance(slots, slot_tokens[slots[1:]].tolist() + [int(preds[slots[-1]])])
 
 
 def accept_walk(
