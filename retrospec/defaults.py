@@ -1,7 +1,8 @@
 """Draft sources by name, and the default mix of the fused speculator.
 
 Names are those of the benchmark's methods: ``context``, ``suffix-index``, ``recycling``,
-``documents``, ``drafter``. ``retrospec`` (the fused speculator) uses every source that is
+``documents``, ``drafter`` (a draft model reading everything), ``rapid`` (the draft model
+reading only the parts of a long prompt most related to its end). ``retrospec`` (the fused speculator) uses every source that is
 available: context and Token Recycling always, a suffix index / document store / draft
 model when one is given.
 """
@@ -17,7 +18,7 @@ from retrospec.sources.recycling import TokenRecycling
 
 log = logging.getLogger(__name__)
 
-SOURCE_NAMES = ("context", "suffix-index", "recycling", "documents", "drafter")
+SOURCE_NAMES = ("context", "suffix-index", "recycling", "documents", "drafter", "rapid")
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,16 @@ def make_source(name: str, model, tokenizer, stores: Datastores = Datastores()):
         from retrospec.sources.documents import DocumentSource
 
         return DocumentSource.for_model(tokenizer, store=stores.documents)
-    if name == "drafter":
+    if name in ("drafter", "rapid"):
         if not stores.drafter:
-            raise ValueError("the drafter source needs a draft model (--drafter NAME)")
-        from retrospec.sources.drafter import ModelDrafter
+            raise ValueError(f"the {name} source needs a draft model (--drafter NAME)")
+        from retrospec.sources.drafter import DrafterConfig, ModelDrafter
 
-        return ModelDrafter.load(stores.drafter, like=model)
+        # rapid: the drafter reads only the chunks of a long prompt most related to its end
+        config = DrafterConfig(rapid_threshold=2048) if name == "rapid" else None
+        drafter = ModelDrafter.load(stores.drafter, like=model, config=config)
+        drafter.name = name
+        return drafter
     raise ValueError(f"unknown source {name!r}; known: {', '.join(SOURCE_NAMES)}")
 
 
