@@ -275,3 +275,32 @@ def test_static_cache_verifier_with_padded_trees(arch, caplog):
         assert "verified with the dynamic cache" in caplog.text
     else:
         assert len(speculator.verifiers) == 1  # one static cache, reused across requests
+
+
+def test_stop_rule_fast_path_matches_the_criteria():
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+
+    from retrospec.loop import StopRule
+
+    rule = StopRule(StoppingCriteriaList([MaxLengthCriteria(10), EosTokenCriteria(torch.tensor([7, 9]))]))
+    assert rule.fast and rule.max_length == 10 and rule.eos == {7, 9}
+    assert rule.first_stop([1, 2, 3], length_before=5) is None
+    assert rule.first_stop([1, 9, 3], length_before=5) == 2  # EOS is kept, then stop
+    assert rule.first_stop([1, 2, 3, 4, 5], length_before=7) == 3  # the 10th token ends it
+    assert not StopRule(StoppingCriteriaList([StopAfter(0, 3)])).fast  # unknown criteria: checked one by one
+
+
+def test_verifier_choice():
+    from retrospec.verifier import DynamicVerifier, StaticVerifier, make_verifier
+
+    model = tiny_model("llama")
+    windows = {"full_attention": None}
+    assert isinstance(make_verifier(model, "auto", windows, 100, 17), DynamicVerifier)  # CPU: dynamic
+    pool = {}
+    a = make_verifier(model, "static", windows, 300, 17, pool)
+    assert isinstance(a, StaticVerifier) and a.max_len == 1024  # cache sizes come in a few buckets
+    assert make_verifier(model, "static", windows, 900, 17, pool) is a
+    with pytest.raises(ValueError, match="CUDA"):
+        make_verifier(model, "graph", windows, 100, 17)
+    with pytest.raises(ValueError, match="verify mode"):
+        make_verifier(model, "fast", windows, 100, 17)
