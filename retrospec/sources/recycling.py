@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -184,7 +185,7 @@ class TokenRecycling:
                 matrix = np.array(data["matrix"])
         except FileNotFoundError:
             raise
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise ValueError(f"{path}: not a readable Token Recycling file ({err})") from None
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path}: format version {meta.get('format_version')} is newer than this retrospec reads ({FORMAT_VERSION})")
