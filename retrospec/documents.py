@@ -38,10 +38,9 @@ from retrospec.indexing.store import (
     IndexFormatError,
     check_files,
     describe_file,
+    building,
     now,
-    publish,
     read_manifest,
-    temp_dir_beside,
     tokenizer_identity,
     write_manifest,
 )
@@ -314,8 +313,7 @@ def build_document_store(
     if not docs:
         raise ValueError("no documents with text to store")
     out = Path(out)
-    tmp = temp_dir_beside(out)
-    try:
+    with building(out) as tmp:
         db = sqlite_utils.Database(tmp / DB)
         doc_rows, chunk_rows, chunk_texts = [], [], []
         postings: dict[int, BitMap] = {}
@@ -348,8 +346,4 @@ def build_document_store(
             "files": {DENSE: describe_file(tmp / DENSE), DB: describe_file(tmp / DB)}, "created": now(),
         }
         write_manifest(tmp, manifest)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"path": str(out), "documents": len(doc_rows), "chunks": len(chunk_rows), "grams": len(postings), "embedder": model.name}

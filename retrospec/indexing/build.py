@@ -31,11 +31,10 @@ from tqdm.auto import tqdm
 from retrospec.indexing.corpus import CorpusError, Document, ReadOptions, iter_documents
 from retrospec.indexing.store import (
     IndexFormatError,
+    building,
     now,
-    publish,
     read_manifest,
     save_array,
-    temp_dir_beside,
     tokenizer_identity,
     write_manifest,
 )
@@ -240,8 +239,7 @@ def write_index(
         if previous.data["tokenizer"]["fingerprint"] != identity["fingerprint"]:
             raise IndexFormatError(f"{out}: built with another tokenizer ({previous.data['tokenizer']['name']!r}); cannot append")
     report = BuildReport(path=str(out))
-    tmp = temp_dir_beside(out)
-    try:
+    with building(out) as tmp:
         old_shards = previous.data["shards"] if previous else []
         writer = _ShardWriter(tmp, options, len(old_shards), report)
         with tqdm(desc="index build", unit="tok", unit_scale=True, disable=not progress) as bar:
@@ -277,10 +275,6 @@ def write_index(
             "created": now(),
         }
         write_manifest(tmp, manifest)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report.shards = len(writer.entries)
     report.shard_names = [e["name"] for e in writer.entries]
     report.bytes = sum(f["bytes"] for e in writer.entries for f in e["files"].values())
@@ -307,8 +301,7 @@ def merge_indexes(inputs: list[str | Path], out: str | Path) -> dict:
     if len(fingerprints) != 1:
         raise IndexFormatError(f"cannot merge indexes built with different tokenizers: {sorted(fingerprints)}")
     out = Path(out)
-    tmp = temp_dir_beside(out)
-    try:
+    with building(out) as tmp:
         shards, rows = [], []
         for m in manifests:
             for entry in m.data["shards"]:
@@ -331,8 +324,4 @@ def merge_indexes(inputs: list[str | Path], out: str | Path) -> dict:
             "created": now(),
         })
         write_manifest(tmp, manifest)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"path": str(out), "shards": len(shards), "tokens": manifest["tokens"], "documents": manifest["documents"]}

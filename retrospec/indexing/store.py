@@ -14,6 +14,7 @@ array file) next to its arrays and an SQLite file of document metadata. Rules:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -144,6 +145,20 @@ def temp_dir_beside(target: Path) -> Path:
     tmp = target.parent / f".{target.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
+
+
+@contextlib.contextmanager
+def building(target: Path):
+    """Build an index directory atomically: yields an empty working directory beside
+    ``target``; on success it replaces ``target`` (see :func:`publish`), on any error or
+    interruption it is removed and ``target`` is left as it was."""
+    tmp = temp_dir_beside(target)
+    try:
+        yield tmp
+        publish(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def publish(tmp: Path, target: Path) -> None:

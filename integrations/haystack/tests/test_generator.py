@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from haystack import Document, Pipeline
 from haystack.components.builders import PromptBuilder
 from haystack.components.retrievers.in_memory import InMemoryBM25Retriever
@@ -23,19 +22,9 @@ TEMPLATE = """Answer the question using the passages.
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with the SmolLM2 tokenizer (fast; real text is not the point)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from retrospec.testing import save_tiny_model
 
-    from retrospec.models import resolve
-
-    path = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def rag_pipeline(model: str, speculate: bool, store) -> Pipeline:

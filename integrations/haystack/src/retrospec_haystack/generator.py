@@ -116,15 +116,31 @@ class _Engine:
                                speculate=self.speculate, budget=self.budget, index=self.index, streaming_callback=callback)
 
 
-def _from_dict(cls, data: dict[str, Any]):
-    params = data.get("init_parameters", {})
-    if params.get("streaming_callback"):
-        params["streaming_callback"] = deserialize_callable(params["streaming_callback"])
-    return default_from_dict(cls, data)
+class _Component:
+    """What both components share: construction, warm-up and serialization."""
+
+    def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", max_new_tokens: int = 256,
+                 speculate: bool = True, budget: str | int = "auto", index: str | None = None,
+                 streaming_callback: Callable[[StreamingChunk], None] | None = None):
+        self._engine = _Engine(model, dtype, max_new_tokens, speculate, budget, index, streaming_callback)
+
+    def warm_up(self) -> None:
+        """Load the model (once)."""
+        self._engine.warm_up()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._engine.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        params = data.get("init_parameters", {})
+        if params.get("streaming_callback"):
+            params["streaming_callback"] = deserialize_callable(params["streaming_callback"])
+        return default_from_dict(cls, data)
 
 
 @component
-class RetrospecGenerator:
+class RetrospecGenerator(_Component):
     """Generates a reply to a prompt; the pipeline's documents feed retrospec's drafts.
 
     Args:
@@ -137,15 +153,6 @@ class RetrospecGenerator:
         streaming_callback: called with a ``StreamingChunk`` per committed piece of text.
     """
 
-    def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", max_new_tokens: int = 256,
-                 speculate: bool = True, budget: str | int = "auto", index: str | None = None,
-                 streaming_callback: Callable[[StreamingChunk], None] | None = None):
-        self._engine = _Engine(model, dtype, max_new_tokens, speculate, budget, index, streaming_callback)
-
-    def warm_up(self) -> None:
-        """Load the model (once)."""
-        self._engine.warm_up()
-
     @component.output_types(replies=list[str], meta=list[dict[str, Any]])
     def run(self, prompt: str, documents: list[Document] | None = None,
             streaming_callback: Callable[[StreamingChunk], None] | None = None):
@@ -153,26 +160,11 @@ class RetrospecGenerator:
         text, meta = self._engine.generate([{"role": "user", "content": prompt}], documents, streaming_callback)
         return {"replies": [text], "meta": [meta]}
 
-    def to_dict(self) -> dict[str, Any]:
-        return self._engine.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RetrospecGenerator":
-        return _from_dict(cls, data)
-
 
 @component
-class RetrospecChatGenerator:
+class RetrospecChatGenerator(_Component):
     """The chat variant: takes ``ChatMessage``s, returns an assistant ``ChatMessage`` whose
     ``meta`` carries the speculation statistics. Arguments as :class:`RetrospecGenerator`."""
-
-    def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", max_new_tokens: int = 256,
-                 speculate: bool = True, budget: str | int = "auto", index: str | None = None,
-                 streaming_callback: Callable[[StreamingChunk], None] | None = None):
-        self._engine = _Engine(model, dtype, max_new_tokens, speculate, budget, index, streaming_callback)
-
-    def warm_up(self) -> None:
-        self._engine.warm_up()
 
     @component.output_types(replies=list[ChatMessage])
     def run(self, messages: list[ChatMessage], documents: list[Document] | None = None,
@@ -180,10 +172,3 @@ class RetrospecChatGenerator:
         turns = [{"role": str(m.role.value if hasattr(m.role, "value") else m.role), "content": m.text or ""} for m in messages]
         text, meta = self._engine.generate(turns, documents, streaming_callback)
         return {"replies": [ChatMessage.from_assistant(text, meta=meta)]}
-
-    def to_dict(self) -> dict[str, Any]:
-        return self._engine.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RetrospecChatGenerator":
-        return _from_dict(cls, data)
