@@ -30,7 +30,8 @@ def cmd_build(args) -> int:
         print(json.dumps(report, indent=1))
         return 0
     options = BuildOptions(shard_tokens=args.shard_tokens, shard_per_input=args.shard_per_input, add_eos=args.add_eos)
-    read = ReadOptions(field=args.field, chat_template=args.chat_template, globs=tuple(args.glob or DEFAULT_TREE_GLOBS))
+    read = ReadOptions(field=args.field, chat_template=args.chat_template, globs=tuple(args.glob or DEFAULT_TREE_GLOBS),
+                       exclude=tuple(args.exclude or ()))
     report = build_index(args.input, tokenizer, args.out, options, read, append=args.append)
     print(report.summary())
     return 0
@@ -113,6 +114,7 @@ def add_index_parser(sub) -> None:
     b.add_argument("--field", default="text", help="JSONL text field (default: %(default)s); chat records (conversations/messages) are detected")
     b.add_argument("--chat-template", action="store_true", help="render chat records with the tokenizer's chat template")
     b.add_argument("--glob", action="append", help="file pattern taken from directories (repeatable; default: common source and text files)")
+    b.add_argument("--exclude", action="append", help="path pattern (relative to an input directory) to leave out (repeatable)")
     b.add_argument("--shard-tokens", type=int, default=1 << 28, help="most tokens per shard (default: %(default)s)")
     b.add_argument("--shard-per-input", action="store_true", help="write one shard per input")
     b.add_argument("--append", action="store_true", help="add the inputs to the index already at --out")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retrospec.indexing.build import BuildOptions, build_index, merge_indexes
-from retrospec.indexing.corpus import CorpusError
+from retrospec.indexing.corpus import CorpusError, ReadOptions
 from retrospec.indexing.store import IndexFormatError
 from retrospec.sources.suffix_index import SuffixConfig, SuffixIndex, verify_index
 
@@ -227,3 +227,5 @@ def test_source_tree_input(tmp_path):
     build_index([tree], IdTokenizer(), tmp_path / "idx", progress=False)
     index = SuffixIndex.open(tmp_path / "idx")
     assert index.n_documents == 2  # .bin is not a source pattern
+    build_index([tree], IdTokenizer(), tmp_path / "idx", read=ReadOptions(exclude=("pkg/b.py",)), progress=False)
+    assert SuffixIndex.open(tmp_path / "idx").n_documents == 1

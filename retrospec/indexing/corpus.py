@@ -6,6 +6,7 @@ template, so the index holds them exactly as the model sees conversations.
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import json
 import logging
@@ -40,6 +41,8 @@ class ReadOptions:
     """Render chat records (``conversations``/``messages``) with the tokenizer's chat template."""
     globs: tuple[str, ...] = DEFAULT_TREE_GLOBS
     """File patterns taken from directories."""
+    exclude: tuple[str, ...] = ()
+    """Patterns (of paths relative to the input directory) left out, e.g. ``site-packages/*``."""
 
 
 def _messages(record: dict) -> list[dict] | None:
@@ -105,7 +108,10 @@ def iter_documents(inputs: list[str | Path], options: ReadOptions = ReadOptions(
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted({p for g in options.globs for p in path.rglob(g) if p.is_file()})
+            files = sorted(
+                p for p in {p for g in options.globs for p in path.rglob(g) if p.is_file()}
+                if not any(fnmatch.fnmatch(str(p.relative_to(path)), x) for x in options.exclude)
+            )
             if not files:
                 raise CorpusError(f"{path}: no files matching {', '.join(options.globs)}")
             for file in files:
