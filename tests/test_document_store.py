@@ -1,0 +1,82 @@
+"""The document store: dense + lexical retrieval, the document source over it, failure modes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import retrospec
+from retrospec.documents import DocumentStore, build_document_store, chunk_spans, gram_keys
+from retrospec.indexing.corpus import Document
+from retrospec.indexing.store import IndexFormatError
+
+DOCS = [
+    "The Harlow Lighthouse was completed in 1871 and electrified in 1934. Its tower is 31 metres tall.",
+    "Gull Island has no permanent residents. A ferry from Port Harlow runs twice a day in summer.",
+    "Margaret Olsen was the last keeper of the lighthouse; she moved to the mainland in 1998.",
+    "Sourdough bread rises slowly because wild yeast ferments the dough over many hours.",
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, smollm2):
+    _, tokenizer = smollm2
+    path = tmp_path_factory.mktemp("store") / "docs"
+    report = build_document_store(None, tokenizer, path, documents=[Document(t, f"d{i}", {}) for i, t in enumerate(DOCS)],
+                                  chunk_tokens=16, overlap=4, progress=False)
+    assert report["documents"] == 4 and report["chunks"] > 4
+    return DocumentStore.open(path, tokenizer=tokenizer), tokenizer, path
+
+
+def test_chunking_and_gram_keys():
+    assert chunk_spans(10, 4, 1) == [(0, 4), (3, 7), (6, 10)]
+    assert chunk_spans(3, 4, 1) == [(0, 3)]
+    keys = gram_keys([1, 2, 3, 1, 2, 3])
+    assert keys[0] == keys[3] and len(set(keys.tolist())) == 3
+
+
+@pytest.mark.real
+def test_dense_lexical_and_hybrid_search(store):
+    docs, tokenizer, _ = store
+    for mode in ("dense", "lexical", "hybrid"):
+        hits = docs.search("Who was the last lighthouse keeper?", 2, mode=mode, tokenizer=tokenizer)
+        assert hits and hits[0].document == 2, mode
+    assert docs.search("how does bread rise", 1, mode="dense")[0].document == 3
+    with pytest.raises(ValueError, match="tokenizer"):
+        docs.search("x", 1, mode="lexical")
+    # which chunks contain a token sequence: an intersection of n-gram bitmaps
+    ids = tokenizer(" electrified in 1934", add_special_tokens=False).input_ids
+    chunks = list(docs.chunks_containing(ids))
+    assert chunks and all("electrified" in docs.chunk_text(c)[1] for c in chunks)
+    assert docs.describe()["documents"] == 4
+
+
+@pytest.mark.real
+def test_document_source_retrieves_from_the_store(store):
+    docs, tokenizer, _ = store
+    source = retrospec.DocumentSource(tokenizer, store=docs)
+    prompt = np.asarray(tokenizer("When was the Harlow Lighthouse completed? It was completed in", add_special_tokens=False).input_ids)
+    tree = source.start_request(prompt).propose(prompt, 16, 6)  # digits are one token each
+    assert tokenizer.decode(tree.paths()[0]).startswith(" 1871")
+
+
+@pytest.mark.real
+def test_a_damaged_store_is_refused(store, tmp_path):
+    import shutil
+
+    _, tokenizer, path = store
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    dense = broken / "dense.faiss"
+    dense.write_bytes(dense.read_bytes()[:100])
+    with pytest.raises(IndexFormatError, match=r"dense\.faiss: .* bytes, the manifest says"):
+        DocumentStore.open(broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["format_version"] = 7
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match="newer"):
+        DocumentStore.open(broken)
+    with pytest.raises(ValueError, match="no documents"):
+        build_document_store(None, tokenizer, tmp_path / "empty", documents=[Document("  ", "x", {})])
