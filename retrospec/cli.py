@@ -41,7 +41,7 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 
 # ----------------------------------------------------------------------------- models
 def cmd_models(args) -> int:
-    from retrospec.models import MODELS, fetch, is_fetched, model_dir
+    from retrospec.models import MODELS, fetch, is_fetched
 
     if args.action == "list":
         rows = [[s.name, "yes" if is_fetched(s.name) else "no", f"{s.size / 1e6:.0f} MB", s.title] for s in MODELS.values()]

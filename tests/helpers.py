@@ -33,7 +33,7 @@ class OracleSource:
         truth = self.reference[done : done + min(self.depth, max_depth)]
         paths, scores = [], []
         prefix: list[int] = []
-        for level, token in enumerate(truth):
+        for token in truth:
             if self.rng.random() < self.error_rate:
                 token = (token + 1 + int(self.rng.integers(self.vocab - 1))) % self.vocab
             decoys = [int(t) for t in self.rng.integers(0, self.vocab, self.width - 1) if t != token]

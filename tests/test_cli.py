@@ -63,7 +63,7 @@ def test_bench_writes_results_report_and_plot(tiny_model_dir, prompts, tmp_path,
     assert set(doc) == {"model", "dtype", "methods"}
     assert list(doc["methods"]) == ["greedy", "pld", "context", "retrospec", "context+recycling"]
     row_keys = {"mat", "tok_s", "speedup", "identical", "n"}
-    for name, method in doc["methods"].items():
+    for method in doc["methods"].values():
         assert set(method) == {"overall", "categories"}
         assert set(method["overall"]) == row_keys
         assert set(method["categories"]) == {"multi-turn", "qa", "code"}

@@ -10,7 +10,6 @@ import torch
 
 import retrospec
 from conftest import repetitive_prompt, tiny_model
-from retrospec.sources.base import Verified
 from retrospec.sources.recycling import EMPTY, REFERENCE_TEMPLATE, TokenRecycling
 
 

@@ -46,7 +46,7 @@ def test_calibration_learns_from_tested_nodes_only():
     spec = retrospec.Speculator([a], budget=10)
     session = spec.start_request(np.array([9]))
     for _ in range(30):
-        tree = session.draft(np.array([9]), max_depth=4)
+        session.draft(np.array([9]), max_depth=4)
         # verification rejects token 1 at the root: node 2 (below it) was never tested
         session.observe(Verified(np.array([9, 1, 2]), np.array([-1, 0, 1]), np.array([0]), np.array([7]), None))
     assert spec.calibrator.tested[0].sum() == 30  # only the depth-1 node, once per step

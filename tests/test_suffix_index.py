@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +146,7 @@ def test_truncated_and_corrupted_files_name_the_file(tmp_path):
 
 def test_corruption_in_the_middle_of_a_large_file_is_found_by_verify(tmp_path):
     rng = np.random.default_rng(0)
-    index = build(tmp_path, [rng.integers(0, 100, 200_000).tolist()])
+    build(tmp_path, [rng.integers(0, 100, 200_000).tolist()])
     assert verify_index(tmp_path / "idx")["tokens_checked"] == 200_001
     tokens = tmp_path / "idx" / "shard-00000" / "tokens.bin"
     raw = bytearray(tokens.read_bytes())

@@ -195,23 +195,21 @@ def build_index(
     if not inputs:
         raise CorpusError("no inputs given")
 
+    def tokenized(batch: list[Document], report: BuildReport):
+        start = time.perf_counter()
+        token_lists = _tokenize(tokenizer, [d.text for d in batch], options.add_eos)
+        report.tokenize_seconds += time.perf_counter() - start
+        return zip(token_lists, batch)
+
     def token_docs(report: BuildReport):
         for item in inputs:
             batch: list[Document] = []
-
-            def drain():
-                start = time.perf_counter()
-                token_lists = _tokenize(tokenizer, [d.text for d in batch], options.add_eos)
-                report.tokenize_seconds += time.perf_counter() - start
-                pairs = list(zip(token_lists, batch))
-                batch.clear()
-                return pairs
-
             for doc in iter_documents([item], read, tokenizer):
                 batch.append(doc)
                 if len(batch) >= options.batch_docs:
-                    yield from drain()
-            yield from drain()
+                    yield from tokenized(batch, report)
+                    batch = []
+            yield from tokenized(batch, report)
             yield INPUT_END
 
     info = {**asdict(read), "inputs": [str(i) for i in inputs]}

@@ -191,7 +191,6 @@ class DrafterSession:
         #    other trees: the root distribution and every retrieved node's probability
         self._catch_up(seq)
         union = fuse([DraftTree(t.tokens, t.parents, t.scores, np.ones(len(t), np.uint32)) for t in others]) if (cfg.rescore and others) else DraftTree.empty()
-        n = 1 + len(union)
         ids = np.concatenate([seq[-1:], union.tokens]).astype(np.int64)
         positions = (seq.shape[0] - 1 + np.concatenate([[0], union.depths()])).astype(np.int64)
         logp = self._forward(ids, positions, ancestor_matrix(union.parents))
