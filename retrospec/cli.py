@@ -94,6 +94,10 @@ def cmd_generate(args) -> int:
             f"identical: {'yes' if torch.equal(reference, out.sequences) else 'NO'}"
         )
     print(summary)
+    if args.recycling:  # keep what Token Recycling learned for the next run
+        for source in speculator.sources:
+            if isinstance(source, retrospec.TokenRecycling):
+                source.save(args.recycling)
     if args.json:
         print(json.dumps(stats.as_dict()))
     return 0
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are committed")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True, help="also run plain greedy and compare speed and output (default: on)")
     p.add_argument("--index", help="a suffix index directory to draft from")
-    p.add_argument("--recycling", help="a saved Token Recycling matrix (.npz) to start from")
+    p.add_argument("--recycling", help="a Token Recycling matrix (.npz) to start from (if it exists) and to save to")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON too")
     p.set_defaults(func=cmd_generate)
 

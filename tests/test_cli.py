@@ -49,6 +49,13 @@ def test_generate_command(tiny_model_dir, capsys):
     assert stats["new_tokens"] == 12
 
 
+def test_generate_keeps_the_recycling_matrix(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "rec.npz"
+    argv = ["generate", "--model", tiny_model_dir, "--prompt", "Hello", "--max-new-tokens", "8", "--no-compare", "--recycling", str(path)]
+    assert main(argv) == 0 and path.exists()
+    assert main(argv) == 0  # and starts from it the second time
+
+
 def test_generate_streams(tiny_model_dir, capsys):
     assert main(["generate", "--model", tiny_model_dir, "--prompt", "Hello", "--max-new-tokens", "8", "--stream", "--no-compare"]) == 0
     assert "8 tokens" in capsys.readouterr().out
