@@ -133,6 +133,10 @@ def custom_generate(
 ):
     """The decoding function for ``model.generate(custom_generate=...)``.
 
+    Its own keywords, passed through ``generate()``: ``speculator`` (default: a fresh one
+    with the context source), ``retrospec_streamer`` (transformers keeps ``streamer=`` to
+    itself) and ``retrospec_documents`` (texts for the document sources).
+
     Returns what ``generate()`` returns: the sequences tensor, or a :class:`SpecOutput`
     (``sequences`` + ``stats``) when ``return_dict_in_generate=True``. The stats of the
     latest call are also kept on ``speculator.last_stats``.
