@@ -2,7 +2,9 @@
 
 Names are those of the benchmark's methods: ``context``, ``suffix-index``, ``recycling``,
 ``documents``, ``drafter`` (a draft model reading everything), ``rapid`` (the draft model
-reading only the parts of a long prompt most related to its end). ``retrospec`` (the fused speculator) uses every source that is
+reading only the parts of a long prompt most related to its end), ``rapid-transfer``
+(rapid plus RAPID's knowledge transfer with weight 0.5: **lossy**, its output differs from
+plain greedy by design). ``retrospec`` (the fused speculator) uses every source that is
 available: context and Token Recycling always, a suffix index / document store / draft
 model when one is given.
 """
@@ -18,7 +20,7 @@ from retrospec.sources.recycling import TokenRecycling
 
 log = logging.getLogger(__name__)
 
-SOURCE_NAMES = ("context", "suffix-index", "recycling", "documents", "drafter", "rapid")
+SOURCE_NAMES = ("context", "suffix-index", "recycling", "documents", "drafter", "rapid", "rapid-transfer")
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,18 @@ def make_source(name: str, model, tokenizer, stores: Datastores = Datastores()):
         from retrospec.sources.documents import DocumentSource
 
         return DocumentSource.for_model(tokenizer, store=stores.documents)
-    if name in ("drafter", "rapid"):
+    if name in ("drafter", "rapid", "rapid-transfer"):
         if not stores.drafter:
             raise ValueError(f"the {name} source needs a draft model (--drafter NAME)")
         from retrospec.sources.drafter import DrafterConfig, ModelDrafter
 
-        # rapid: the drafter reads only the chunks of a long prompt most related to its end
-        config = DrafterConfig(rapid_threshold=2048) if name == "rapid" else None
+        # rapid: the drafter reads only the chunks of a long prompt most related to its end;
+        # rapid-transfer also shifts the target toward the drafter (LOSSY, see DrafterConfig.transfer)
+        config = {
+            "drafter": None,
+            "rapid": DrafterConfig(rapid_threshold=2048),
+            "rapid-transfer": DrafterConfig(rapid_threshold=2048, transfer=0.5),
+        }[name]
         drafter = ModelDrafter.load(stores.drafter, like=model, config=config)
         drafter.name = name
         return drafter

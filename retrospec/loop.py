@@ -166,7 +166,10 @@ def decode_row(
             settings.streamer.put(torch.tensor(tokens, dtype=torch.long))
 
     # 1) prefill: the prompt, then the first new token from its last logits
-    first = pick_token(verifier.start(ids), seq[:, :cur], settings.logits_processor, settings.do_sample)
+    session = speculator.start_request(context[:prompt_len], model, settings.documents)
+    topk = speculator.topk_wanted
+    last = session.adjust_logits(context[:prompt_len], context[prompt_len - 1 : prompt_len], np.array([-1]), verifier.start(ids))
+    first = pick_token(last, seq[:, :cur], settings.logits_processor, settings.do_sample)
     done, stopped = commit([first])
     stream(new_tokens[-done:])
     stats.new_tokens += done
@@ -174,8 +177,6 @@ def decode_row(
     clock.lap("prefill")
     clock.step_start = clock.last  # steps are timed from here
 
-    session = speculator.start_request(context[:prompt_len], model, settings.documents)
-    topk = speculator.topk_wanted
     while not stopped:
         # 2) draft, within the remaining length, the model's positions and the verifier's slots
         room = (settings.max_length - cur) if settings.max_length is not None else 1 << 30
@@ -187,6 +188,7 @@ def decode_row(
         root = new_tokens[-1]
         slot_tokens = np.concatenate([[root], tree.tokens]).astype(np.int64)
         buffers, logits = verifier.verify(tree, root, past_len)
+        logits = session.adjust_logits(context[:ctx_len], slot_tokens, buffers.parent_slots, logits)
         clock.lap("forward")
         if greedy:
             preds, top = predictions(logits, topk)  # one device-to-host copy per step

@@ -201,6 +201,15 @@ class SpecSession:
             tested = on_path[step.parent_slots[slot]]  # the parent was accepted: this node was tested
             self.speculator.calibrator.learn(k, raw[verified][tested], depth[verified][tested], on_path[slot[tested]])
 
+    def adjust_logits(self, context: np.ndarray, slot_tokens: np.ndarray, parent_slots: np.ndarray, logits):
+        """Let sources that change the target's distribution do so (RAPID's knowledge
+        transfer: lossy, opt-in; every other source leaves the logits untouched).
+        ``context`` ends with the root token (slot 0)."""
+        for session in self.sessions:
+            if hasattr(session, "adjust_logits"):
+                logits = session.adjust_logits(context, slot_tokens, parent_slots, logits)
+        return logits
+
     def attribution(self, accepted_slots: np.ndarray) -> tuple[dict[str, int], int]:
         """Accepted draft tokens per source name, and how many several sources proposed."""
         nodes = accepted_slots[accepted_slots > 0] - 1

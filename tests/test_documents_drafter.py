@@ -126,3 +126,21 @@ def test_fused_drafter_documents_context_stay_lossless():
     sources = [retrospec.ContextSource(), ModelDrafter(drafter_model, DrafterConfig(depth=2, rapid_threshold=24, rapid_chunk=8, rapid_budget=24, rapid_tail=8))]
     out = retrospec.generate(model, prompt, speculator=retrospec.Speculator(sources, budget=24), **kw)
     assert torch.equal(out.sequences, ref)
+
+
+def test_knowledge_transfer_is_opt_in_and_changes_the_output_as_documented():
+    target = tiny_model("llama", seed=7)
+    draft_model = tiny_model("llama", seed=8)
+    ids = repetitive_prompt(96, 24, 14)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24, pad_token_id=0)
+    target_greedy = target.generate(ids, **kw)
+    draft_greedy = draft_model.generate(ids, **kw)
+    assert not torch.equal(target_greedy, draft_greedy)
+    lossless = ModelDrafter(draft_model, DrafterConfig(depth=2))
+    out = retrospec.generate(target, ids, speculator=retrospec.Speculator([lossless], budget=8), **kw)
+    assert torch.equal(out.sequences, target_greedy)  # transfer = 0: lossless
+    full = ModelDrafter(draft_model, DrafterConfig(depth=2, transfer=1.0))
+    out = retrospec.generate(target, ids, speculator=retrospec.Speculator([full], budget=8), **kw)
+    assert torch.equal(out.sequences, draft_greedy)  # transfer = 1: the drafter's own text
+    with pytest.raises(ValueError, match="transfer"):
+        DrafterConfig(transfer=1.5)

@@ -55,8 +55,16 @@ class DrafterConfig:
     """Prompt tokens the drafter reads in RAPID mode (top chunks + the prompt's end)."""
     rapid_tail: int = 256
     """Tokens at the end of the prompt (the question) always in the RAPID view."""
+    transfer: float = 0.0
+    """RAPID's knowledge transfer, **lossy, off by default**: with ``transfer = w > 0`` the
+    target's next-token logits at every verified node become ``(1 - w) * target + w *
+    drafter`` before acceptance, which pulls the long-context target toward what the
+    drafter read in the retrieved chunks. It CHANGES THE OUTPUT (``w = 1`` reproduces the
+    drafter's own greedy text); it costs one more drafter forward per step."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.transfer <= 1.0:
+            raise ValueError(f"transfer is a weight in [0, 1], got {self.transfer}")
         if self.depth < 1 or self.top_k < 1 or self.frontier < 1:
             raise ValueError(f"depth, top_k and frontier must be >= 1, got {self.depth}, {self.top_k}, {self.frontier}")
         if self.rapid_threshold and self.rapid_budget <= self.rapid_tail:
@@ -279,6 +287,31 @@ class DrafterSession:
 
     def propose(self, context: np.ndarray, max_nodes: int, max_depth: int) -> DraftTree:
         return self.propose_with(context, [], max_nodes, max_depth)[0]
+
+    @torch.no_grad()
+    def adjust_logits(self, context: np.ndarray, slot_tokens: np.ndarray, parent_slots: np.ndarray, logits: torch.Tensor) -> torch.Tensor:
+        """RAPID knowledge transfer (lossy, see ``DrafterConfig.transfer``): mix the drafter's
+        log-probabilities at every verified slot into the target's logits; the identity when
+        ``transfer == 0``. ``context`` ends with the root (slot 0)."""
+        weight = self.config.transfer
+        if weight == 0.0:
+            return logits
+        seq = self._sequence(np.asarray(context, np.int64))
+        if self.fed == seq.shape[0]:  # the root is cached already: read it again, with the tree
+            self.cache.crop(-1)
+            self.fed -= 1
+        self.fed_cache = self.fed
+        self._catch_up(seq)
+        tree_parents = (parent_slots[1:] - 1).astype(np.int32)
+        tree = DraftTree(slot_tokens[1:].astype(np.int64), tree_parents, np.ones(tree_parents.shape[0], np.float32), np.ones(tree_parents.shape[0], np.uint32))
+        positions = (seq.shape[0] - 1 + np.concatenate([[0], tree.depths()])).astype(np.int64)
+        draft = self._forward(np.concatenate([seq[-1:], tree.tokens]).astype(np.int64), positions, ancestor_matrix(tree_parents))
+        self.fed = seq.shape[0]
+        drop = self.fed_cache - self.fed  # keep the root, drop the tree
+        if drop > 0:
+            self.cache.crop(-drop)
+        self.fed_cache = self.fed
+        return (1.0 - weight) * logits + weight * draft.to(logits.device, logits.dtype)
 
     def observe(self, step: Verified) -> None:
         """The cache catches up with committed tokens at the next step."""
