@@ -51,6 +51,7 @@ class ForwardCounter:
         self.calls = 0
         self._handle = model.register_forward_pre_hook(self._hook)
 
+    @torch.compiler.disable  # an int counter traced by torch.compile would force a recompile per call
     def _hook(self, module, args):
         self.calls += 1
 
@@ -138,6 +139,8 @@ class BenchOptions:
     warmup: int = 1
     verify: str = "auto"
     profile: bool = False
+    slots: int = 64
+    """Tree nodes per step of the static verifiers with ``budget="auto"``."""
     command: str = ""
 
 
@@ -206,7 +209,7 @@ def _pld(name, model, tokenizer, options):
 def _config(options: BenchOptions):
     from retrospec.speculator import SpeculatorConfig
 
-    return SpeculatorConfig(verify=options.verify, profile=options.profile)
+    return SpeculatorConfig(verify=options.verify, profile=options.profile, static_slots=options.slots)
 
 
 def _stores(options: BenchOptions):

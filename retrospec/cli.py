@@ -112,7 +112,7 @@ def cmd_bench(args) -> int:
         dtype=args.dtype, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), out=args.out,
         budget=args.budget, threads=args.threads, device=args.device, index=args.index, drafter=args.drafter,
         documents=args.documents, recycling=args.recycling,
-        categories=tuple(c for c in (args.categories or "").split(",") if c), warmup=args.warmup, verify=args.verify, profile=args.profile,
+        categories=tuple(c for c in (args.categories or "").split(",") if c), warmup=args.warmup, verify=args.verify, profile=args.profile, slots=args.slots,
         command="retrospec " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     result = run_bench(options)
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default: %(default)s)")
     p.add_argument("--verify", default="auto", choices=["auto", "dynamic", "static", "graph", "compile"],
                    help="verifier: graph (CUDA graph, the default on GPUs), static, dynamic (the default on CPUs)")
+    p.add_argument("--slots", type=int, default=64, help="tree nodes per step of the static/graph/compile verifiers when the budget is auto (default 64)")
     p.add_argument("--profile", action="store_true", help="synchronise after each verification and report per-step host and device time")
     p.set_defaults(func=cmd_bench)
 

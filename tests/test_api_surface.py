@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -114,4 +115,10 @@ def test_simulator_replay_counts_steps():
 def test_tokenizer_identity_of_a_real_tokenizer(smollm2):
     identity = tokenizer_identity(smollm2[1])
     assert identity["vocab_size"] == 49152 and len(identity["fingerprint"]) == 20
+    # generation settings do not change how text becomes ids, so they keep the fingerprint
+    other = copy.deepcopy(smollm2[1])
+    other.eos_token, other.pad_token = "<|endoftext|>", None
+    assert tokenizer_identity(other)["fingerprint"] == identity["fingerprint"]
+    other.add_tokens(["retrospec_probe_token"])
+    assert tokenizer_identity(other)["fingerprint"] != identity["fingerprint"]
     assert BENCH.exists()

@@ -61,6 +61,15 @@ def test_generate_streams(tiny_model_dir, capsys):
     assert "8 tokens" in capsys.readouterr().out
 
 
+def test_bench_static_verifier_with_fixed_slots(tiny_model_dir, prompts, tmp_path):
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", tiny_model_dir, "--data", str(prompts), "--per-category", "1", "--max-new-tokens", "10",
+            "--methods", "greedy,retrospec", "--verify", "static", "--slots", "12", "--out", str(out)]
+    assert main(argv) == 0
+    row = json.loads((out / "results.json").read_text())["methods"]["retrospec"]["overall"]
+    assert row["identical"] == row["n"] == 3
+
+
 def test_bench_writes_results_report_and_plot(tiny_model_dir, prompts, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["bench", "--model", tiny_model_dir, "--data", str(prompts), "--per-category", "2", "--max-new-tokens", "10",

@@ -61,14 +61,22 @@ def describe_file(path: Path) -> dict:
     return {"bytes": size, "sha256": file_digest(path), "edge_sha256": edge_digest(path, size)}
 
 
+_PROBE = "Hello, World!  def f(x):\n\treturn x**2  # naïve café, 東京 3.14159 <|im_end|>"
+
+
 def tokenizer_identity(tokenizer) -> dict:
-    """Name, vocabulary size and a fingerprint of a tokenizer's vocabulary and specials."""
+    """Name, vocabulary size and a fingerprint of how a tokenizer turns text into ids.
+
+    The fingerprint covers the vocabulary and the ids of a fixed probe text (so merges,
+    normalisation and pre-tokenisation count), not generation settings such as the EOS or
+    pad token, which library versions and chat setups change without changing any id.
+    """
     vocab = tokenizer.get_vocab()
     h = hashlib.sha256()
     for piece, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
         h.update(f"{idx}\t{piece}\n".encode("utf-8", "surrogatepass"))
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        h.update(f"{name}={getattr(tokenizer, name, None)}\n".encode())
+    probe = tokenizer.encode(_PROBE, add_special_tokens=False)
+    h.update((",".join(map(str, probe)) + "\n").encode())
     return {
         "name": str(getattr(tokenizer, "name_or_path", "")),
         "vocab_size": len(vocab),
