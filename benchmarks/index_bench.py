@@ -6,6 +6,9 @@
     # build a synthetic index of N tokens (the source index's documents repeated in shuffled
     # order), then measure a fresh query process's resident memory and latency
     python benchmarks/index_bench.py scale runs/idx/sharegpt-smollm2 --tokens 500000000 --out runs/idx/synthetic-500m
+
+    # resident memory of lean query processes (no torch) on an existing index
+    python benchmarks/index_bench.py memory runs/idx/synthetic-500m --tokenizer smollm2-135m --release-every 1 8 64
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +26,7 @@ import numpy as np
 
 from retrospec.indexing.build import BuildOptions, write_index
 from retrospec.indexing.corpus import Document
-from retrospec.sources.suffix_index import SuffixIndex
+from retrospec.sources.suffix_index import SuffixConfig, SuffixIndex
 
 SPECBENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "specbench" / "question.jsonl"
 
@@ -51,12 +55,13 @@ def contexts(tokenizer, n_cuts: int, seed: int = 0) -> list[np.ndarray]:
 def measure(index: SuffixIndex, queries: list[np.ndarray], max_nodes: int) -> dict:
     for q in queries[:20]:  # compile the numba kernels and touch the pages once
         index.query(q, max_nodes)
-    times, nodes = [], []
+    times, nodes, peak = [], [], 0.0
     for q in queries:
         start = time.perf_counter()
         tree = index.query(q, max_nodes)
         times.append(time.perf_counter() - start)
         nodes.append(len(tree))
+        peak = max(peak, rss_mb())
     t = np.asarray(times) * 1e6
     return {
         "queries": len(queries),
@@ -67,6 +72,7 @@ def measure(index: SuffixIndex, queries: list[np.ndarray], max_nodes: int) -> di
         "mean_nodes": round(float(np.mean(nodes)), 1),
         "nonempty": round(float(np.mean(np.asarray(nodes) > 0)), 3),
         "rss_mb": round(rss_mb(), 1),
+        "peak_rss_mb": round(peak, 1),
         "rss_anon_mb": round(rss_mb("RssAnon"), 1),
         "rss_file_mb": round(rss_mb("RssFile"), 1),
     }
@@ -114,23 +120,41 @@ def cmd_scale(args) -> None:
     print(json.dumps({"tokens": report.tokens, "shards": report.shards, "build_seconds": round(build_s, 1),
                       "index_tokens_per_second": round(report.index_tokens_per_second), "bytes_per_token": round(report.bytes_per_token, 3),
                       "build_peak_rss_mb": round(peak_mb)}, indent=1))
-    # a fresh process opens the index and queries it: its memory must not grow with the index
-    probe = subprocess.run([sys.executable, __file__, "probe", args.out, "--tokenizer", args.tokenizer], capture_output=True, text=True)
-    print(probe.stdout or probe.stderr)
+    memory(args.out, args.tokenizer, (8, 64))
+
+
+def memory(index_dir: str, tokenizer_name: str, release_every: tuple[int, ...]) -> None:
+    """Query ``index_dir`` from fresh, lean processes (numpy + numba, no torch), one per
+    ``release_every`` setting, and print their resident memory and latency."""
+    from retrospec.index_cli import load_tokenizer
+
+    queries = contexts(load_tokenizer(tokenizer_name), 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "contexts.npz"
+        np.savez(path, flat=np.concatenate(queries), ends=np.cumsum([q.shape[0] for q in queries]))
+        for every in release_every:
+            probe = subprocess.run([sys.executable, __file__, "probe", index_dir, "--contexts", str(path), "--release-every", str(every)],
+                                   capture_output=True, text=True)
+            print(probe.stdout or probe.stderr)
+
+
+def cmd_memory(args) -> None:
+    memory(args.index, args.tokenizer, tuple(args.release_every))
 
 
 def cmd_probe(args) -> None:
-    from retrospec.index_cli import load_tokenizer
-
-    before = rss_mb()
-    import retrospec  # noqa: F401  (import everything a real query process has before opening)
-    tokenizer = load_tokenizer(args.tokenizer)
-    before = rss_mb()
+    # deliberately lean: what a process that only serves index queries imports
+    baseline = rss_mb()
+    data = np.load(args.contexts)
+    queries = np.split(data["flat"], data["ends"][:-1])
     start = time.perf_counter()
-    index = SuffixIndex.open(args.index)
+    index = SuffixIndex.open(args.index, config=SuffixConfig(release_every=args.release_every))
     open_ms = (time.perf_counter() - start) * 1e3
-    result = measure(index, contexts(tokenizer, 4), 64)
-    result.update({"tokens": index.n_tokens, "shards": len(index.shards), "open_ms": round(open_ms, 1), "rss_before_open_mb": round(before, 1)})
+    after_open = rss_mb()
+    result = measure(index, queries, 64)
+    result.update({"tokens": index.n_tokens, "shards": len(index.shards), "release_every": args.release_every,
+                   "open_ms": round(open_ms, 1), "rss_at_start_mb": round(baseline, 1), "rss_after_open_mb": round(after_open, 1),
+                   "torch_imported": "torch" in sys.modules})
     print(json.dumps(result, indent=1))
 
 
@@ -150,9 +174,15 @@ def main() -> None:
     p.add_argument("--tokenizer", default="smollm2-135m")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_scale)
-    p = sub.add_parser("probe")
+    p = sub.add_parser("memory")
     p.add_argument("index")
     p.add_argument("--tokenizer", required=True)
+    p.add_argument("--release-every", type=int, nargs="+", default=[8, 64])
+    p.set_defaults(func=cmd_memory)
+    p = sub.add_parser("probe")  # internal: run by `memory` in a fresh process
+    p.add_argument("index")
+    p.add_argument("--contexts", required=True)
+    p.add_argument("--release-every", type=int, default=64)
     p.set_defaults(func=cmd_probe)
     args = parser.parse_args()
     args.func(args)

@@ -6,23 +6,72 @@ model verifies the whole tree in one forward pass and keeps the longest branch i
 with, so greedy output is token for token that of plain ``generate()``.
 """
 
-from retrospec.compat import check_transformers
+from __future__ import annotations
 
-check_transformers()
+import importlib
+from typing import TYPE_CHECKING
 
-from retrospec.assistant import AssistantChain  # noqa: E402
-from retrospec.hooks import SpecOutput, custom_generate, generate  # noqa: E402
-from retrospec.models import load_model  # noqa: E402
-from retrospec.defaults import Datastores, default_sources  # noqa: E402
-from retrospec.documents import DocumentStore  # noqa: E402
-from retrospec.sources.documents import DocumentConfig, DocumentSource  # noqa: E402
-from retrospec.sources.drafter import DrafterConfig, ModelDrafter  # noqa: E402
-from retrospec.sources.recycling import TokenRecycling  # noqa: E402
-from retrospec.sources.suffix_index import SuffixConfig, SuffixIndex  # noqa: E402
-from retrospec.sources import ContextConfig, ContextSource, Source, Verified  # noqa: E402
-from retrospec.speculator import Speculator, SpeculatorConfig  # noqa: E402
-from retrospec.stats import SpecStats  # noqa: E402
-from retrospec.tree import DraftTree, TreeBuffers, fuse, prune, to_buffers  # noqa: E402
+# Names resolve on first use (PEP 562), so a process that only queries an index
+# (``retrospec.sources.suffix_index``: numpy + numba) never imports torch or transformers.
+_EXPORTS = {
+    "AssistantChain": "retrospec.assistant",
+    "SpecOutput": "retrospec.hooks",
+    "custom_generate": "retrospec.hooks",
+    "generate": "retrospec.hooks",
+    "load_model": "retrospec.models",
+    "Datastores": "retrospec.defaults",
+    "default_sources": "retrospec.defaults",
+    "DocumentStore": "retrospec.documents",
+    "DocumentConfig": "retrospec.sources.documents",
+    "DocumentSource": "retrospec.sources.documents",
+    "DrafterConfig": "retrospec.sources.drafter",
+    "ModelDrafter": "retrospec.sources.drafter",
+    "TokenRecycling": "retrospec.sources.recycling",
+    "SuffixConfig": "retrospec.sources.suffix_index",
+    "SuffixIndex": "retrospec.sources.suffix_index",
+    "ContextConfig": "retrospec.sources.context",
+    "ContextSource": "retrospec.sources.context",
+    "Source": "retrospec.sources.base",
+    "Verified": "retrospec.sources.base",
+    "Speculator": "retrospec.speculator",
+    "SpeculatorConfig": "retrospec.speculator",
+    "SpecStats": "retrospec.stats",
+    "DraftTree": "retrospec.tree",
+    "TreeBuffers": "retrospec.tree",
+    "fuse": "retrospec.tree",
+    "prune": "retrospec.tree",
+    "to_buffers": "retrospec.tree",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retrospec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+    from retrospec.assistant import AssistantChain
+    from retrospec.defaults import Datastores, default_sources
+    from retrospec.documents import DocumentStore
+    from retrospec.hooks import SpecOutput, custom_generate, generate
+    from retrospec.models import load_model
+    from retrospec.sources.base import Source, Verified
+    from retrospec.sources.context import ContextConfig, ContextSource
+    from retrospec.sources.documents import DocumentConfig, DocumentSource
+    from retrospec.sources.drafter import DrafterConfig, ModelDrafter
+    from retrospec.sources.recycling import TokenRecycling
+    from retrospec.sources.suffix_index import SuffixConfig, SuffixIndex
+    from retrospec.speculator import Speculator, SpeculatorConfig
+    from retrospec.stats import SpecStats
+    from retrospec.tree import DraftTree, TreeBuffers, fuse, prune, to_buffers
 
 __version__ = "0.1.0"
 

@@ -25,11 +25,13 @@ Worked example — two sources guess after "the":
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numba
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where buffers are built: trees and queries need only numpy
+    import torch
 
 ROOT = -1
 """Parent index of the children of the root (the last committed token)."""
@@ -383,7 +385,7 @@ def to_buffers(
     root_token: int,
     past_len: int,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     windows: dict[str, int | None] | None = None,
 ) -> TreeBuffers:
@@ -391,7 +393,8 @@ def to_buffers(
 
     ``past_len`` is the number of tokens already in the KV cache (the root sits at
     position ``past_len``). ``windows`` maps each attention layer type to its sliding window
-    (``None`` = full attention); with more than one type the mask is a dict by type.
+    (``None`` = full attention); with more than one type the mask is a dict by type. The
+    mask has ``dtype`` (default float32), all tensors live on ``device``.
 
     >>> t = DraftTree.from_paths([[7, 8], [9]])
     >>> b = to_buffers(t, root_token=3, past_len=2)
@@ -400,6 +403,9 @@ def to_buffers(
     >>> (b.attention_mask[0, 0] == 0).int().tolist()
     [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1]]
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     n = len(tree) + 1
     parents = tree.parents
     # 1) ids and positions: the root, then the nodes at past_len + depth

@@ -15,7 +15,7 @@ from retrospec.sources.suffix_index import SuffixConfig, SuffixIndex, verify_ind
 
 
 class IdTokenizer:
-    """Texts are space-separated token ids: "5 6 7" -> [5, 6, 7]."""
+    """Texts are space-separated token ids: "5 6 7" -> [5, 6, 7]; other words are id 0."""
 
     def __init__(self, vocab_size: int = 100, name: str = "ids"):
         self.vocab_size, self.name_or_path = vocab_size, name
@@ -23,9 +23,12 @@ class IdTokenizer:
         self.eos_token_id = None
 
     def __call__(self, texts, add_special_tokens=False):
+        def ids(text):
+            return [int(t) if t.isdigit() else 0 for t in text.split()]
+
         if isinstance(texts, str):
-            return {"input_ids": [int(t) for t in texts.split()]}
-        return {"input_ids": [[int(t) for t in text.split()] for text in texts]}
+            return {"input_ids": ids(texts)}
+        return {"input_ids": [ids(text) for text in texts]}
 
     def get_vocab(self):
         return {f"t{i}": i for i in range(self.vocab_size)}

@@ -75,7 +75,7 @@ def tokenizer_identity(tokenizer) -> dict:
     h = hashlib.sha256()
     for piece, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
         h.update(f"{idx}\t{piece}\n".encode("utf-8", "surrogatepass"))
-    probe = tokenizer.encode(_PROBE, add_special_tokens=False)
+    probe = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
     h.update((",".join(map(str, probe)) + "\n").encode())
     return {
         "name": str(getattr(tokenizer, "name_or_path", "")),
