@@ -32,7 +32,8 @@ SPECBENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "specbenc
 
 
 def rss_mb(field: str = "VmRSS") -> float:
-    """Resident memory of this process from /proc (VmRSS = RssAnon + RssFile + RssShmem), in MB."""
+    """Resident memory of this process from /proc (VmRSS = RssAnon + RssFile + RssShmem; VmHWM
+    = the highest VmRSS so far, transients inside a query included), in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
@@ -73,6 +74,7 @@ def measure(index: SuffixIndex, queries: list[np.ndarray], max_nodes: int) -> di
         "nonempty": round(float(np.mean(np.asarray(nodes) > 0)), 3),
         "rss_mb": round(rss_mb(), 1),
         "peak_rss_mb": round(peak, 1),
+        "hwm_mb": round(rss_mb("VmHWM"), 1),
         "rss_anon_mb": round(rss_mb("RssAnon"), 1),
         "rss_file_mb": round(rss_mb("RssFile"), 1),
     }

@@ -231,3 +231,25 @@ def test_source_tree_input(tmp_path):
     assert index.n_documents == 2  # .bin is not a source pattern
     build_index([tree], IdTokenizer(), tmp_path / "idx", read=ReadOptions(exclude=("pkg/b.py",)), progress=False)
     assert SuffixIndex.open(tmp_path / "idx").n_documents == 1
+
+
+def test_cached_top_levels_change_nothing_but_the_pages_touched(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 12, rng.integers(5, 60)).tolist() for _ in range(80)]  # small alphabet: many repeats
+    build(tmp_path, docs)
+    cached = SuffixIndex.open(tmp_path / "idx", config=SuffixConfig(cached_levels=16))
+    plain = SuffixIndex.open(tmp_path / "idx", config=SuffixConfig(cached_levels=0))
+    assert plain.shards[0].top.filled.shape[0] == 1  # nothing cached
+    for _ in range(300):
+        doc = docs[rng.integers(len(docs))]
+        cut = int(rng.integers(1, len(doc) + 1))
+        context = np.asarray(doc[:cut] if rng.random() < 0.8 else rng.integers(1, 14, 6), np.int64)
+        a, b = cached.query(context, 32), plain.query(context, 32)
+        assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist()
+        assert np.allclose(a.scores, b.scores)
+    top = cached.shards[0].top
+    n = cached.shards[0].n
+    assert top.filled.shape[0] == 1 << (n.bit_length() - 1)  # as many levels as the shard has
+    assert 0 < int(top.filled.sum()) <= top.filled.shape[0]
+    with pytest.raises(ValueError, match="cached_levels"):
+        SuffixConfig(cached_levels=30)

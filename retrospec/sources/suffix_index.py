@@ -24,9 +24,10 @@ so no match and no continuation crosses a document boundary.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numba
 import numpy as np
@@ -63,12 +64,17 @@ class SuffixConfig:
     release_every: int = 64
     """Release the index pages mapped into this process every this many queries (0: never),
     so its resident memory stays bounded whatever the index size."""
+    cached_levels: int = 16
+    """Binary-search levels kept in memory per shard (see ``TopLevels``; 16 levels take
+    ``2**16 * max_ngram * 4`` bytes, 3 MB at the defaults; 0: none)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
         if self.max_matches < 1 or self.max_depth < 1:
             raise ValueError(f"max_matches and max_depth must be >= 1, got {self.max_matches}, {self.max_depth}")
+        if not 0 <= self.cached_levels <= 24:
+            raise ValueError(f"cached_levels must be in [0, 24], got {self.cached_levels}")
 
 
 # --------------------------------------------------------------------------- bit-packed arrays
@@ -154,21 +160,70 @@ def _compare(tok, tw, n, start, pattern, m):
     return 0
 
 
-@numba.njit(cache=True, nogil=True)
-def sa_range(tok, tw, sa, sw, n, pattern, m):
-    """``[lo, hi)``: the suffix-array rows whose suffix starts with ``pattern[:m]``.
+class TopLevels(NamedTuple):
+    """The first rows every binary search probes, copied out of the mapped arrays.
 
-    Invariant: ``sa`` sorts the ``n`` suffixes of ``tok``, so those rows are contiguous.
+    A search over rows ``[0, n)`` always probes the same rows first: row ``mid`` of heap
+    node ``h`` (root ``h = 1``; going down-left ``2h``, down-right ``2h + 1``) depends on
+    nothing but ``h``. Node ``h < 2**levels`` keeps the first ``width`` tokens of its suffix
+    (``length`` of them before the shard ends) once a query has probed it, so later queries
+    make their first ``levels`` comparisons without touching the index files: fewer page
+    faults, fewer mapped pages, faster queries.
     """
-    lo, hi = 0, n
+
+    tokens: np.ndarray  # int32 [2**levels, width]
+    length: np.ndarray  # int16 [2**levels]: valid tokens of the entry
+    filled: np.ndarray  # uint8 [2**levels]
+
+    @classmethod
+    def empty(cls, levels: int, width: int) -> "TopLevels":
+        size = 1 << levels if levels > 0 else 1
+        return cls(np.zeros((size, width), np.int32), np.zeros(size, np.int16), np.zeros(size, np.uint8))
+
+
+@numba.njit(cache=True, nogil=True)
+def _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok):
+    """``_compare`` of row ``mid`` (heap node ``h``), served from the top levels when cached."""
+    if h >= top_ok.shape[0] or m > top_tok.shape[1]:
+        return _compare(tok, tw, n, bits_get(sa, mid, sw), pattern, m)
+    if top_ok[h] == 0:
+        start = bits_get(sa, mid, sw)
+        k = 0
+        while k < top_tok.shape[1] and start + k < n:
+            top_tok[h, k] = bits_get(tok, start + k, tw)
+            k += 1
+        top_len[h] = k
+        top_ok[h] = 1
+    length = top_len[h]
+    for j in range(m):
+        if j >= length:
+            return -1  # the suffix ended first: it sorts below
+        a = top_tok[h, j]
+        b = pattern[j]
+        if a < b:
+            return -1
+        if a > b:
+            return 1
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _sa_range(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok):
+    lo, hi, h = 0, n, 1
+    upper = n  # the lowest row seen strictly above the pattern bounds the second search
     while lo < hi:  # first row not below the pattern
         mid = (lo + hi) // 2
-        if _compare(tok, tw, n, bits_get(sa, mid, sw), pattern, m) < 0:
+        order = _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok)
+        if order < 0:
             lo = mid + 1
+            h = 2 * h + 1
         else:
             hi = mid
+            h = 2 * h
+            if order > 0:
+                upper = mid
     first = lo
-    hi = n
+    hi = upper
     while lo < hi:  # first row above it
         mid = (lo + hi) // 2
         if _compare(tok, tw, n, bits_get(sa, mid, sw), pattern, m) <= 0:
@@ -178,13 +233,20 @@ def sa_range(tok, tw, sa, sw, n, pattern, m):
     return first, lo
 
 
-@numba.njit(cache=True, nogil=True)
-def longest_suffix(tok, tw, sa, sw, n, context, max_m):
-    """Largest ``m <= max_m`` such that ``context[-m:]`` occurs, with its row range.
+_NO_TOP = TopLevels.empty(0, 1)
 
-    ``context`` holds local token ids, ``-1`` for tokens the shard never saw. Returns
-    ``(0, 0, 0)`` when not even the last token occurs.
+
+def sa_range(tok, tw, sa, sw, n, pattern, m, top: TopLevels = _NO_TOP) -> tuple[int, int]:
+    """``[lo, hi)``: the suffix-array rows whose suffix starts with ``pattern[:m]``.
+
+    Invariant: ``sa`` sorts the ``n`` suffixes of ``tok``, so those rows are contiguous.
+    ``top`` caches the rows every search probes first (see :class:`TopLevels`).
     """
+    return _sa_range(tok, tw, sa, sw, n, np.asarray(pattern, np.int64), m, top.tokens, top.length, top.filled)
+
+
+@numba.njit(cache=True, nogil=True)
+def _longest_suffix(tok, tw, sa, sw, n, context, max_m, top_tok, top_len, top_ok):
     c = context.shape[0]
     limit = 0
     while limit < min(max_m, c) and context[c - 1 - limit] >= 0:
@@ -193,12 +255,21 @@ def longest_suffix(tok, tw, sa, sw, n, context, max_m):
     best_lo, best_hi = 0, 0
     while lo_m < hi_m:  # occurrence is monotone in m: binary search the longest
         mid = (lo_m + hi_m + 1) // 2
-        a, b = sa_range(tok, tw, sa, sw, n, context[c - mid :], mid)
+        a, b = _sa_range(tok, tw, sa, sw, n, context[c - mid :], mid, top_tok, top_len, top_ok)
         if b > a:
             lo_m, best_lo, best_hi = mid, a, b
         else:
             hi_m = mid - 1
     return lo_m, best_lo, best_hi
+
+
+def longest_suffix(tok, tw, sa, sw, n, context, max_m, top: TopLevels = _NO_TOP) -> tuple[int, int, int]:
+    """Largest ``m <= max_m`` such that ``context[-m:]`` occurs, with its row range.
+
+    ``context`` holds local token ids, ``-1`` for tokens the shard never saw. Returns
+    ``(0, 0, 0)`` when not even the last token occurs.
+    """
+    return _longest_suffix(tok, tw, sa, sw, n, np.asarray(context, np.int64), max_m, top.tokens, top.length, top.filled)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -234,6 +305,7 @@ class Shard:
     sa_bits: int
     vocab: np.ndarray  # uint32: global token id of each local id (sorted)
     sep: int
+    top: TopLevels = field(default_factory=lambda: _NO_TOP)  # filled by queries
 
     def local(self, ids: np.ndarray) -> np.ndarray:
         """Global ids -> local ids, ``-1`` where the shard never saw the token."""
@@ -262,6 +334,7 @@ class SuffixIndex:
         self.root, self.manifest, self.shards, self.config = root, manifest, shards, config
         self._maps: list = []
         self._queries = 0
+        self._lock = threading.Lock()  # queries fill the shards' top levels
 
     @classmethod
     def open(cls, root: str | Path, tokenizer=None, config: SuffixConfig | None = None) -> "SuffixIndex":
@@ -279,8 +352,11 @@ class SuffixIndex:
             mapped = {short: open_array(root, full, files[full]) for short, full in names.items()}
             maps.extend(m for m in mapped.values() if hasattr(m, "release"))
             arrays = {short: getattr(m, "array", m) for short, m in mapped.items()}
+            cfg = config or SuffixConfig()
+            levels = min(cfg.cached_levels, max(int(entry["positions"]).bit_length() - 1, 0))
             shard = Shard(entry["name"], int(entry["positions"]), arrays["tokens.bin"], int(entry["token_bits"]),
-                          arrays["sa.bin"], int(entry["sa_bits"]), arrays["vocab.bin"], int(entry["sep"]))
+                          arrays["sa.bin"], int(entry["sa_bits"]), arrays["vocab.bin"], int(entry["sep"]),
+                          TopLevels.empty(levels, cfg.max_ngram))
             _spot_check(root / entry["name"], shard)
             shards.append(shard)
         if not shards:
@@ -306,15 +382,23 @@ class SuffixIndex:
         """The draft tree for the tokens after ``context`` (global token ids)."""
         cfg = self.config
         self._queries += 1
-        if cfg.release_every and self._queries % cfg.release_every == 0:
-            self.release_pages()
+        try:
+            return self._query(context, max_nodes, max_depth)
+        finally:  # after the query, so the pages it touched do not stay mapped until the next one
+            if cfg.release_every and self._queries % cfg.release_every == 0:
+                self.release_pages()
+
+    def _query(self, context: np.ndarray, max_nodes: int, max_depth: int | None) -> DraftTree:
+        cfg = self.config
         depth = min(cfg.max_depth, max_depth if max_depth is not None else cfg.max_depth)
         if depth <= 0 or max_nodes <= 0 or context.shape[0] == 0:
             return DraftTree.empty()
         tail = np.asarray(context[-cfg.max_ngram :], np.int64)
         found = []
         for shard in self.shards:
-            m, lo, hi = longest_suffix(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, shard.local(tail), cfg.max_ngram)
+            with self._lock:
+                m, lo, hi = longest_suffix(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, shard.local(tail),
+                                           cfg.max_ngram, shard.top)
             if m >= cfg.min_ngram:
                 found.append((m, lo, hi, shard))
         if not found:
