@@ -253,3 +253,17 @@ def test_cached_top_levels_change_nothing_but_the_pages_touched(tmp_path):
     assert 0 < int(top.filled.sum()) <= top.filled.shape[0]
     with pytest.raises(ValueError, match="cached_levels"):
         SuffixConfig(cached_levels=30)
+
+
+def test_only_large_indexes_release_their_pages(tmp_path, monkeypatch):
+    index = build(tmp_path, [[1, 2, 3, 4], [2, 3, 5]])
+    released = []
+    monkeypatch.setattr(index, "release_pages", lambda: released.append(1))
+    index.config = SuffixConfig(release_every=2)  # a few hundred bytes: under release_above_mb
+    for _ in range(4):
+        index.query(np.array([2, 3]))
+    assert released == []
+    index.config = SuffixConfig(release_every=2, release_above_mb=0)
+    for _ in range(4):
+        index.query(np.array([2, 3]))
+    assert len(released) == 2
