@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -308,7 +308,7 @@ class Shard:
     sa_bits: int
     vocab: np.ndarray  # uint32: global token id of each local id (sorted)
     sep: int
-    top: TopLevels = field(default_factory=lambda: _NO_TOP)  # filled by queries
+    top: TopLevels  # the first binary-search levels, filled by queries
 
     def local(self, ids: np.ndarray) -> np.ndarray:
         """Global ids -> local ids, ``-1`` where the shard never saw the token."""
@@ -338,7 +338,7 @@ class SuffixIndex:
         self._maps: list = []
         self._queries = 0
         self._lock = threading.Lock()  # queries fill the shards' top levels
-        self._bytes = sum(f["bytes"] for shard in manifest.get("shards", []) for f in shard["files"].values())
+        self._bytes = sum(f["bytes"] for shard in manifest["shards"] for f in shard["files"].values())
 
     @classmethod
     def open(cls, root: str | Path, tokenizer=None, config: SuffixConfig | None = None) -> "SuffixIndex":
@@ -346,6 +346,7 @@ class SuffixIndex:
         arrays are memory-mapped. With ``tokenizer``, refuse an index built with another."""
         manifest = read_manifest(root, FORMAT, FORMAT_VERSION)
         root = manifest.root
+        config = config or SuffixConfig()
         if tokenizer is not None:
             check_tokenizer(manifest, tokenizer)
         shards, maps = [], []
@@ -356,16 +357,15 @@ class SuffixIndex:
             mapped = {short: open_array(root, full, files[full]) for short, full in names.items()}
             maps.extend(m for m in mapped.values() if hasattr(m, "release"))
             arrays = {short: getattr(m, "array", m) for short, m in mapped.items()}
-            cfg = config or SuffixConfig()
-            levels = min(cfg.cached_levels, max(int(entry["positions"]).bit_length() - 1, 0))
+            levels = min(config.cached_levels, max(int(entry["positions"]).bit_length() - 1, 0))
             shard = Shard(entry["name"], int(entry["positions"]), arrays["tokens.bin"], int(entry["token_bits"]),
                           arrays["sa.bin"], int(entry["sa_bits"]), arrays["vocab.bin"], int(entry["sep"]),
-                          TopLevels.empty(levels, cfg.max_ngram))
+                          TopLevels.empty(levels, config.max_ngram))
             _spot_check(root / entry["name"], shard)
             shards.append(shard)
         if not shards:
             raise IndexFormatError(f"{root}: the index has no shards")
-        index = cls(root, manifest.data, shards, config or SuffixConfig())
+        index = cls(root, manifest.data, shards, config)
         index._maps = maps
         return index
 
@@ -435,8 +435,8 @@ class SuffixIndex:
             "tokens": m["tokens"],
             "documents": m["documents"],
             "shards": len(self.shards),
-            "bytes": sum(f["bytes"] for s in m["shards"] for f in s["files"].values()),
-            "bytes_per_token": round(sum(f["bytes"] for s in m["shards"] for f in s["files"].values()) / max(m["tokens"], 1), 3),
+            "bytes": self._bytes,
+            "bytes_per_token": round(self._bytes / max(m["tokens"], 1), 3),
             "build": m.get("build", {}),
             "created": m.get("created"),
         }
