@@ -7,7 +7,8 @@
     # order), then measure a fresh query process's resident memory and latency
     python benchmarks/index_bench.py scale runs/idx/sharegpt-smollm2 --tokens 500000000 --out runs/idx/synthetic-500m
 
-    # resident memory of lean query processes (no torch) on an existing index
+    # resident memory of lean query processes (no torch) on an existing index; --no-jit runs
+    # them with RETROSPEC_JIT=0 (interpreted kernels, numba never imported)
     python benchmarks/index_bench.py memory runs/idx/synthetic-500m --tokenizer smollm2-135m --release-every 1 8 64
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -125,9 +127,10 @@ def cmd_scale(args) -> None:
     memory(args.out, args.tokenizer, (8, 64))
 
 
-def memory(index_dir: str, tokenizer_name: str, release_every: tuple[int, ...]) -> None:
-    """Query ``index_dir`` from fresh, lean processes (numpy + numba, no torch), one per
-    ``release_every`` setting, and print their resident memory and latency."""
+def memory(index_dir: str, tokenizer_name: str, release_every: tuple[int, ...], jit: bool = True) -> None:
+    """Query ``index_dir`` from fresh, lean processes (numpy + numba, no torch; no numba
+    either with ``jit=False``), one per ``release_every`` setting, and print their resident
+    memory and latency."""
     from retrospec.index_cli import load_tokenizer
 
     queries = contexts(load_tokenizer(tokenizer_name), 4)
@@ -136,12 +139,12 @@ def memory(index_dir: str, tokenizer_name: str, release_every: tuple[int, ...]) 
         np.savez(path, flat=np.concatenate(queries), ends=np.cumsum([q.shape[0] for q in queries]))
         for every in release_every:
             probe = subprocess.run([sys.executable, __file__, "probe", index_dir, "--contexts", str(path), "--release-every", str(every)],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, env={**os.environ, "RETROSPEC_JIT": "1" if jit else "0"})
             print(probe.stdout or probe.stderr)
 
 
 def cmd_memory(args) -> None:
-    memory(args.index, args.tokenizer, tuple(args.release_every))
+    memory(args.index, args.tokenizer, tuple(args.release_every), jit=not args.no_jit)
 
 
 def cmd_probe(args) -> None:
@@ -156,7 +159,7 @@ def cmd_probe(args) -> None:
     result = measure(index, queries, 64)
     result.update({"tokens": index.n_tokens, "shards": len(index.shards), "release_every": args.release_every,
                    "open_ms": round(open_ms, 1), "rss_at_start_mb": round(baseline, 1), "rss_after_open_mb": round(after_open, 1),
-                   "torch_imported": "torch" in sys.modules})
+                   "torch_imported": "torch" in sys.modules, "numba_imported": "numba" in sys.modules})
     print(json.dumps(result, indent=1))
 
 
@@ -180,6 +183,7 @@ def main() -> None:
     p.add_argument("index")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--release-every", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--no-jit", action="store_true", help="probe with RETROSPEC_JIT=0: kernels interpreted, numba never imported")
     p.set_defaults(func=cmd_memory)
     p = sub.add_parser("probe")  # internal: run by `memory` in a fresh process
     p.add_argument("index")

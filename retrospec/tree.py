@@ -27,8 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
-import numba
 import numpy as np
+
+from retrospec.jit import njit
 
 if TYPE_CHECKING:  # torch is imported where buffers are built: trees and queries need only numpy
     import torch
@@ -146,7 +147,7 @@ class DraftTree:
 
 # Hot loops over a tree, compiled. Invariant they rely on: parents[i] < i, so one forward
 # pass sees every parent before its children.
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _depths(parents):
     depth = np.empty(parents.shape[0], np.int32)
     for i in range(parents.shape[0]):
@@ -154,7 +155,7 @@ def _depths(parents):
     return depth
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _monotone(parents, scores):
     out = np.empty(scores.shape[0], np.float32)
     for i in range(scores.shape[0]):
@@ -165,7 +166,7 @@ def _monotone(parents, scores):
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def path_products(parents, conditional):
     """``float32 [N]``: the product of ``conditional`` along each node's path.
 
@@ -219,7 +220,7 @@ def fuse_with_index(
     return fused.with_monotone_scores(), [mapping[offsets[k] : offsets[k + 1]] for k in range(len(trees))]
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _fuse(tokens, parents, scores, sources, offsets, noisy_or):
     """Merge concatenated tries (``offsets`` delimit them; parents are tree-local) by
     (fused parent, token), with an open-addressing table. Invariant: within each tree

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-import numba
 import numpy as np
 import torch
 
 from retrospec.compat import accepts, cache_kwarg
+from retrospec.jit import njit
 from retrospec.kvcache import keep_path, new_cache
 from retrospec.tree import DraftTree, TreeBuffers, to_buffers
 from retrospec.verify import forward_tree
@@ -220,7 +220,7 @@ class StaticVerifier:
             self.moves = (past_len, slots.copy())
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _fill_block(block, parents, masked):
     """The tree part of the mask in place: slot i sees itself and its ancestors (slot 0 is
     the root; node j sits in slot j + 1); padding slots see only themselves."""

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numba
 import numpy as np
 import torch
 
 from retrospec.compat import cache_kwarg
+from retrospec.jit import njit
 from retrospec.tree import TreeBuffers
 
 
@@ -81,7 +81,7 @@ def predictions(logits: torch.Tensor, topk: int = 0) -> tuple[np.ndarray, np.nda
     return preds[:, 0].cpu().numpy(), None
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _walk(slot_tokens, parent_slots, preds):
     n = slot_tokens.shape[0]
     path = np.empty(n, np.int64)

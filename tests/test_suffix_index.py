@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +270,34 @@ def test_only_large_indexes_release_their_pages(tmp_path, monkeypatch):
     for _ in range(4):
         index.query(np.array([2, 3]))
     assert len(released) == 2
+
+
+LEAN_QUERY = """
+import json, sys
+import numpy as np
+from retrospec.sources.suffix_index import SuffixIndex
+index = SuffixIndex.open(sys.argv[1])
+trees = [index.query(np.asarray(c, np.int64), 32) for c in json.loads(sys.argv[2])]
+print(json.dumps({"numba": "numba" in sys.modules, "torch": "torch" in sys.modules,
+                  "trees": [[t.tokens.tolist(), t.parents.tolist(), t.scores.tolist()] for t in trees]}))
+"""
+
+
+def test_a_lean_process_without_numba_queries_the_same(tmp_path):
+    """RETROSPEC_JIT=0 runs the kernels as plain Python (no numba: ~40 MB instead of ~170):
+    same trees as the compiled kernels, over two shards and texts > 65,535 ids."""
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(1, 9, rng.integers(5, 50)).tolist() for _ in range(60)] + [[70000, 70001, 3, 4]]
+    build(tmp_path, docs, tokenizer=IdTokenizer(80000), shard_tokens=600)
+    index = SuffixIndex.open(tmp_path / "idx")
+    assert len(index.shards) >= 2
+    contexts = [docs[i][: int(rng.integers(1, len(docs[i]) + 1))] for i in rng.integers(0, len(docs), 40)] + [[70000, 70001]]
+    run = subprocess.run([sys.executable, "-c", LEAN_QUERY, str(tmp_path / "idx"), json.dumps(contexts)],
+                         capture_output=True, text=True, env={**os.environ, "RETROSPEC_JIT": "0"}, check=True)
+    lean = json.loads(run.stdout)
+    assert lean["numba"] is False and lean["torch"] is False
+    for context, (tokens, parents, scores) in zip(contexts, lean["trees"]):
+        tree = index.query(np.asarray(context, np.int64), 32)
+        assert tokens == tree.tokens.tolist() and parents == tree.parents.tolist()
+        assert np.allclose(scores, tree.scores)
+    assert any(tokens for tokens, _, _ in lean["trees"])

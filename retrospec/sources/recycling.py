@@ -29,9 +29,9 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-import numba
 import numpy as np
 
+from retrospec.jit import njit
 from retrospec.sources.base import Verified
 from retrospec.tree import ROOT, DraftTree, path_products
 
@@ -200,7 +200,7 @@ class TokenRecycling:
         return rec
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _bfs(matrix, parent, rank, root_token, max_depth):
     """Tokens of the template's nodes from ``root_token``; ``alive`` is False where a node
     (or an ancestor) has no candidate or lies deeper than ``max_depth``."""

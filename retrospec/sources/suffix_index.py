@@ -5,7 +5,8 @@ the longest suffix of the current context, drafts well where the prompt alone do
 Here the datastore is a token suffix array per shard, memory-mapped from disk, so
 resident memory does not grow with the corpus and opening an index is O(1).
 
-One query (all in numba, on the memory-mapped arrays):
+One query (numba-compiled kernels on the memory-mapped arrays; see :mod:`retrospec.jit` for
+lean processes that run them without numba):
 
 1. map the last ``max_ngram`` context tokens to the shard's own vocabulary (a corpus rarely
    uses more than 65,535 distinct tokens; tokens and suffix-array entries are bit-packed in
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-import numba
 import numpy as np
 
 from retrospec.indexing.store import (
@@ -39,6 +39,7 @@ from retrospec.indexing.store import (
     open_array,
     read_manifest,
 )
+from retrospec.jit import njit
 from retrospec.sources.base import Verified
 from retrospec.sources.trie import continuation_trie
 from retrospec.tree import DraftTree
@@ -88,7 +89,14 @@ class SuffixConfig:
 PAD = 8
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+def _bits_get_py(data, i, w):
+    """``bits_get`` for interpreted kernels: one 8-byte read instead of a loop over numpy scalars."""
+    bit = int(i) * w
+    byte = bit >> 3
+    return (int.from_bytes(data[byte : byte + 8], "little") >> (bit & 7)) & ((1 << w) - 1)
+
+
+@njit(inline="always", py=_bits_get_py)
 def bits_get(data, i, w):
     """Value ``i`` of a ``w``-bit packed array (``w <= 56``)."""
     bit = np.int64(i) * w
@@ -100,7 +108,7 @@ def bits_get(data, i, w):
     return (v >> shift) & ((np.int64(1) << w) - 1)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _pack(values, w, out):
     for i in range(values.shape[0]):
         v = np.int64(values[i])
@@ -125,7 +133,7 @@ def pack_bits(values: np.ndarray, w: int) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _unpack(data, w, start, stop):
     out = np.empty(stop - start, np.int64)
     for i in range(start, stop):
@@ -148,7 +156,7 @@ def bits_for(max_value: int) -> int:
 
 
 # --------------------------------------------------------------------------- numba kernels
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _compare(tok, tw, n, start, pattern, m):
     """Order of the suffix at ``start`` against ``pattern[:m]``: -1 below, 0 prefix match, 1 above."""
     for j in range(m):
@@ -184,7 +192,7 @@ class TopLevels(NamedTuple):
         return cls(np.zeros((size, width), np.int32), np.zeros(size, np.int16), np.zeros(size, np.uint8))
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok):
     """``_compare`` of row ``mid`` (heap node ``h``), served from the top levels when cached."""
     if h >= top_ok.shape[0] or m > top_tok.shape[1]:
@@ -210,7 +218,7 @@ def _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_o
     return 0
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _sa_range(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok):
     lo, hi, h = 0, n, 1
     upper = n  # the lowest row seen strictly above the pattern bounds the second search
@@ -248,7 +256,7 @@ def sa_range(tok, tw, sa, sw, n, pattern, m, top: TopLevels = _NO_TOP) -> tuple[
     return _sa_range(tok, tw, sa, sw, n, np.asarray(pattern, np.int64), m, top.tokens, top.length, top.filled)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _longest_suffix(tok, tw, sa, sw, n, context, max_m, top_tok, top_len, top_ok):
     c = context.shape[0]
     limit = 0
@@ -275,7 +283,7 @@ def longest_suffix(tok, tw, sa, sw, n, context, max_m, top: TopLevels = _NO_TOP)
     return _longest_suffix(tok, tw, sa, sw, n, np.asarray(context, np.int64), max_m, top.tokens, top.length, top.filled)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0):
     """Write the continuations of ``take`` occurrences, evenly spaced over rows ``[lo, hi)``,
     into ``out[row0 : row0 + take]`` (``-1`` padded, cut at ``sep``); return rows written."""
@@ -490,7 +498,7 @@ def verify_index(root: str | Path) -> dict:
     return {"tokens_checked": checked, "shards": len(index.shards)}
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _sa_sorted(tok, tw, sa, sw, n):
     seen = np.zeros(n, np.bool_)
     for row in range(n):

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numba
 import numpy as np
 
+from retrospec.jit import njit
 from retrospec.tree import DraftTree, path_products, prune
 
 PAD = -1
@@ -42,7 +42,7 @@ def pad_rows(continuations: Sequence[Sequence[int]], depth: int) -> np.ndarray:
     return rows
 
 
-@numba.njit(cache=True, nogil=True)
+@njit()
 def _weighted_trie(rows, weights):
     """Merge lexicographically sorted, PAD-filled rows into a trie.
 
