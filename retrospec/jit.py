@@ -4,8 +4,9 @@ Every hot loop (suffix-array search, trie merging, tree fusion, acceptance walks
 written once, in the subset of Python numba compiles. By default it is compiled. A process
 that sets ``RETROSPEC_JIT=0`` before importing retrospec runs the same functions as
 ordinary Python instead and never imports numba — whose LLVM runtime is ~130 MB of
-resident memory, most of a process that only serves suffix-index queries (~40 MB without
-it, at ~10x the query latency). Generation itself should keep the default.
+resident memory, most of a process that only serves suffix-index queries (which peaks at
+~70 MB without it on a 500M-token index, at several times the query latency). Generation
+itself should keep the default.
 
 ``njit(py=f)`` names a faster plain-Python stand-in for a kernel whose numba form is slow
 when interpreted (each must return what the kernel returns: tests run both).
