@@ -117,6 +117,24 @@ def test_rasd_rescoring_gives_the_drafter_probabilities():
     assert session.cache.get_seq_length() == len(prompt)  # only the committed context stays cached
 
 
+def test_the_drafter_reads_a_long_prompt_without_its_logits():
+    """Catching up on the prompt fills the cache only: a 16k-token document's logits would be
+    10 GB in fp32 (the L-Eval run that was OOM-killed at 24 GB)."""
+    model = tiny_model("qwen2")
+    drafter = ModelDrafter(model, DrafterConfig(depth=2, top_k=2))
+    prompt = repetitive_prompt(96, 40, 13)[0].numpy()
+    rows = []
+    hook = model.register_forward_hook(lambda module, args, out: rows.append(out.logits.shape[1]))
+    try:
+        session = drafter.start_request(prompt)
+        session.propose_with(prompt, [], 8, 2)
+    finally:
+        hook.remove()
+    assert rows[0] == 1  # the catch-up over prompt[:-1] kept one row of logits
+    assert max(rows) < len(prompt) // 2
+    assert session.cache.get_seq_length() == len(prompt)
+
+
 def test_fused_drafter_documents_context_stay_lossless():
     model = tiny_model("llama", seed=5)
     drafter_model = tiny_model("llama", seed=6)

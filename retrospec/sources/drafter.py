@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from retrospec.compat import cache_kwarg
+from retrospec.compat import accepts, cache_kwarg
 from retrospec.kvcache import layer_windows, new_cache
 from retrospec.sources.base import Verified
 from retrospec.tree import ROOT, DraftTree, ancestor_matrix, fuse, prune
@@ -163,27 +163,33 @@ class DrafterSession:
         return mask if len(self.drafter.windows) == 1 else {t: mask for t in self.drafter.windows}
 
     @torch.no_grad()
-    def _forward(self, ids: np.ndarray, positions: np.ndarray, ancestors: np.ndarray | None) -> torch.Tensor:
+    def _forward(self, ids: np.ndarray, positions: np.ndarray, ancestors: np.ndarray | None, logits: bool = True) -> torch.Tensor | None:
         """Append ``ids`` at ``positions`` to the cache and return their log-probabilities.
 
         ``ancestors`` (``[n, tree slots of this step + n]``) says which of this step's slots
-        each row sees besides the committed tokens; ``None`` means plain causal attention."""
+        each row sees besides the committed tokens; ``None`` means plain causal attention.
+        ``logits=False`` only fills the cache and returns ``None``: a long prompt's logits
+        would be ``n`` x vocabulary floats (16k tokens x 152k = 10 GB in fp32)."""
         n = ids.shape[0]
+        keep = {} if logits or not accepts(self.model, "logits_to_keep") else {"logits_to_keep": 1}
         out = self.model(
             input_ids=torch.from_numpy(ids)[None].to(self.device),
             position_ids=torch.from_numpy(positions)[None].to(self.device),
             attention_mask=None if ancestors is None else self._mask(n, ancestors),
             use_cache=True,
             **{cache_kwarg(self.model): self.cache},
+            **keep,
         )
         self.fed_cache += n
+        if not logits:
+            return None
         return torch.log_softmax(out.logits[0].float(), dim=-1)
 
     def _catch_up(self, seq: np.ndarray) -> None:
         """Feed all committed tokens but the last (plain causal forward)."""
         end = seq.shape[0] - 1
         if end > self.fed:
-            self._forward(seq[self.fed : end], np.arange(self.fed, end), None)
+            self._forward(seq[self.fed : end], np.arange(self.fed, end), None, logits=False)
             self.fed = end
 
     def propose_with(
