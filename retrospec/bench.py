@@ -42,21 +42,38 @@ class Run:
     steps: int
     seconds: float
     stats: retrospec.SpecStats | None = None
+    prefill_seconds: float = 0.0
+    """Wall time until the end of the first target forward (the prompt's prefill)."""
 
 
 class ForwardCounter:
-    """Counts calls of ``model.forward`` (through a forward pre-hook)."""
+    """Counts calls of ``model.forward`` (forward pre-hook) and times the end of the first
+    call after :meth:`arm` (forward hook): the prefill, the same for every method."""
 
     def __init__(self, model):
         self.calls = 0
-        self._handle = model.register_forward_pre_hook(self._hook)
+        self.first_end: float | None = None
+        self._armed = False
+        self._cuda = next(model.parameters()).device.type == "cuda"
+        self._handles = [model.register_forward_pre_hook(self._hook), model.register_forward_hook(self._end)]
+
+    def arm(self) -> None:
+        self.first_end, self._armed = None, True
 
     @torch.compiler.disable  # an int counter traced by torch.compile would force a recompile per call
     def _hook(self, module, args):
         self.calls += 1
 
+    @torch.compiler.disable
+    def _end(self, module, args, output):
+        if self._armed:
+            if self._cuda:
+                torch.cuda.synchronize()
+            self.first_end, self._armed = time.perf_counter(), False
+
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 def _new_tokens(sequences: torch.Tensor, prompt_len: int) -> list[int]:
@@ -74,15 +91,17 @@ class Method:
 
     def run(self, ids: torch.Tensor, record: PromptRecord, max_new_tokens: int) -> Run:
         calls = self.counter.calls
+        self.counter.arm()
         start = time.perf_counter()
         tokens, stats = self._generate(ids, record, max_new_tokens)
         seconds = time.perf_counter() - start
+        prefill = (self.counter.first_end - start) if self.counter.first_end is not None else 0.0
         forwards = self.counter.calls - calls
         # The prefill forward is not a step. Assisted generation (pld, assistant) has no
         # separate prefill: its first forward also verifies a draft, whose tokens thus come
         # free, which favours those baselines slightly; at least one step when it made tokens.
         steps = stats.steps if stats is not None else max(forwards - 1, 1 if tokens else 0)
-        return Run(tokens, steps, seconds, stats)
+        return Run(tokens, steps, seconds, stats, prefill)
 
     def _generate(self, ids, record, max_new_tokens):
         raise NotImplementedError
@@ -278,6 +297,8 @@ class Tally:
     seconds: float = 0.0
     identical: int = 0
     n: int = 0
+    prefills: int = 0
+    prefill_seconds: float = 0.0
 
     def add(self, other: "Tally") -> None:
         self.new_tokens += other.new_tokens
@@ -285,6 +306,13 @@ class Tally:
         self.seconds += other.seconds
         self.identical += other.identical
         self.n += other.n
+        self.prefills += other.prefills
+        self.prefill_seconds += other.prefill_seconds
+
+    def decode_tok_s(self) -> float:
+        """Tokens after the first of each turn per second after its prefill."""
+        seconds = self.seconds - self.prefill_seconds
+        return (self.new_tokens - self.prefills) / seconds if seconds > 0 else 0.0
 
     def row(self, reference: "Tally | None") -> dict:
         tok_s = self.new_tokens / self.seconds if self.seconds else 0.0
@@ -365,6 +393,8 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
                 tally.new_tokens += len(run.tokens)
                 tally.steps += run.steps
                 tally.seconds += run.seconds
+                tally.prefills += 1
+                tally.prefill_seconds += run.prefill_seconds
                 conversation.append({"role": "assistant", "content": tokenizer.decode(run.tokens, skip_special_tokens=True)})
                 if run.stats is not None:
                     _accumulate_details(result.details.setdefault(m.name, {}), run.stats)
@@ -378,6 +408,12 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
             result.tallies[m.name].setdefault(record.category, Tally()).add(tally)
     for m in methods:
         m.counter.close()
+        total = result.overall(m.name)
+        result.details.setdefault(m.name, {})["decode"] = {
+            "prefill_seconds": round(total.prefill_seconds, 3),
+            "prefills": total.prefills,
+            "tok_s": round(total.decode_tok_s(), 3),
+        }
     write_outputs(result, options, model)
     return result
 
@@ -442,9 +478,27 @@ def report_markdown(doc: dict, result: BenchResult, options: BenchOptions, model
     categories = list(next(iter(doc["methods"].values()))["categories"])
     for cat in categories:
         lines += [f"## {cat}", "", *_table({name: m["categories"][cat] for name, m in doc["methods"].items() if cat in m["categories"]}), ""]
-    if result.details:
+    ref = result.overall(REFERENCE)
+    lines += [
+        "## Decode only (prefill excluded)",
+        "",
+        "Every method reads the same prompt at the same cost, so short generations dilute every",
+        "speedup; these columns leave each turn's first forward (and its token) out.",
+        "",
+        "| method | decode tok/s | decode speedup | prefill s/turn | prefill share |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in result.tallies:
+        t = result.overall(name)
+        speed = t.decode_tok_s() / ref.decode_tok_s() if ref.decode_tok_s() else 0.0
+        lines.append(f"| {name} | {t.decode_tok_s():.2f} | {speed:.2f}× | {t.prefill_seconds / max(t.prefills, 1):.2f} | "
+                     f"{t.prefill_seconds / t.seconds if t.seconds else 0.0:.0%} |")
+    lines.append("")
+    if any(k != "decode" for d in result.details.values() for k in d):
         lines += ["## Where accepted tokens came from", "", "| method | accepted drafts | by source | by several | mean tree | host ms/step |", "|---|---:|---|---:|---:|---:|"]
         for name, d in result.details.items():
+            if "steps" not in d:
+                continue
             steps = max(d.get("steps", 0), 1)
             host = sum(v for k, v in d.get("seconds", {}).items() if k not in ("forward", "prefill"))
             by_source = ", ".join(f"{k} {v}" for k, v in d.get("accepted_by_source", {}).items())

@@ -93,6 +93,12 @@ def test_bench_writes_results_report_and_plot(tiny_model_dir, prompts, tmp_path,
         assert doc["methods"][name]["overall"]["mat"] >= 1.0
     report = (out / "report.md").read_text()
     assert "## multi-turn" in report and "| retrospec |" in report
+    # decode-only speed: 4 prompts, one with two turns -> 5 prefills per method, each timed
+    details = json.loads((out / "details.json").read_text())
+    for name in doc["methods"]:
+        decode = details[name]["decode"]
+        assert decode["prefills"] == 5 and decode["prefill_seconds"] > 0 and decode["tok_s"] > 0
+    assert "## Decode only (prefill excluded)" in report
     assert (out / "speedup.png").stat().st_size > 1000
     # the saved greedy outputs replay in the simulator
     capsys.readouterr()
