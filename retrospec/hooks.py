@@ -179,7 +179,10 @@ def custom_generate(
             if real.shape[1] == 0:
                 raise ValueError(f"row {b} of the batch has no tokens")
             verifier = _verifier_for(model, speculator, settings, real.shape[1], row.shape[1])
-            new, stats = decode_row(model, real, row, speculator, settings, verifier)
+            try:
+                new, stats = decode_row(model, real, row, speculator, settings, verifier)
+            finally:
+                speculator.verifiers.release(verifier)
             rows.append(new)
             total = total.merge(stats)
     if retrospec_streamer is not None:

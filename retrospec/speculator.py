@@ -101,7 +101,9 @@ class Speculator:
         self.config = config or SpeculatorConfig()
         self.calibrator = Calibrator(len(sources))
         self._costs: dict[int, StepCost] = {}
-        self.verifiers: dict = {}  # static verifiers (and their CUDA graphs), reused across requests
+        from retrospec.verifier import VerifierPool  # local: it imports transformers
+
+        self.verifiers = VerifierPool()  # static verifiers (and their CUDA graphs), reused across requests
         self.last_stats = None  # SpecStats of the latest generate() call, set by the loop
 
     @property

@@ -11,13 +11,16 @@
   the per-kernel launch cost that otherwise bounds a small model's step on a GPU.
 
 Both expose the same three calls to the loop: ``start`` (prefill), ``verify`` (one tree
-forward) and ``keep`` (compact the cache to the accepted path).
+forward) and ``keep`` (compact the cache to the accepted path). Static verifiers are costly
+to build (a CUDA graph capture, a compile), so a :class:`VerifierPool` keeps them across
+requests and lends each to one request at a time.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+import threading
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -236,9 +239,53 @@ def _fill_block(block, parents, masked):
             p = parents[p]
 
 
-def make_verifier(model, mode: str, windows: dict[str, int | None], max_len: int, slots: int, pool: dict | None = None) -> Verifier:
-    """The verifier for ``mode`` (see ``VERIFY_MODES``); static verifiers are reused from
-    ``pool`` (their CUDA graph stays captured) for the same model, cache length and slots."""
+class VerifierPool:
+    """Static verifiers kept across requests (their CUDA graphs stay captured), each lent to
+    one request at a time: a verifier holds its request's KV cache, so two requests running
+    at once (two threads sharing a :class:`~retrospec.Speculator`) get two verifiers.
+
+    >>> pool = VerifierPool()
+    >>> a = pool.acquire("k", object); b = pool.acquire("k", object)   # both in use: two
+    >>> a is not b, len(pool)
+    (True, 2)
+    >>> pool.release(a); pool.acquire("k", object) is a                 # returned: reused
+    True
+    """
+
+    def __init__(self) -> None:
+        self._free: dict = {}
+        self._keys: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key, build: Callable[[], object]):
+        """A free verifier for ``key``, or a new one from ``build()``."""
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        verifier = build()  # outside the lock: a capture or compile takes a while
+        with self._lock:
+            self._keys[id(verifier)] = (key, verifier)
+        return verifier
+
+    def release(self, verifier) -> None:
+        """Give ``verifier`` back once its request is done (anything else is ignored)."""
+        with self._lock:
+            entry = self._keys.get(id(verifier))
+            if entry is not None and entry[1] is verifier:
+                self._free.setdefault(entry[0], []).append(verifier)
+
+    def __len__(self) -> int:
+        """Verifiers built so far."""
+        return len(self._keys)
+
+
+def make_verifier(
+    model, mode: str, windows: dict[str, int | None], max_len: int, slots: int, pool: VerifierPool | None = None
+) -> Verifier:
+    """The verifier for ``mode`` (see ``VERIFY_MODES``); static verifiers come from ``pool``
+    (to be given back with ``pool.release`` after the request) for the same model, cache
+    length and slots."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify mode must be one of {VERIFY_MODES}, got {mode!r}")
     device = next(model.parameters()).device
@@ -251,11 +298,9 @@ def make_verifier(model, mode: str, windows: dict[str, int | None], max_len: int
     if mode == "dynamic":
         return DynamicVerifier(model, windows)
     bucket = 1 << max(int(max_len - 1).bit_length(), 10)  # a few cache sizes serve all requests
-    key = (id(model), mode, bucket, slots)
-    if pool is not None and key in pool:
-        return pool[key]
     cuda = device.type == "cuda"
-    verifier = StaticVerifier(model, bucket, slots, graph=mode == "graph" or (mode == "compile" and cuda), compile=mode == "compile")
-    if pool is not None:
-        pool[key] = verifier
-    return verifier
+
+    def build() -> StaticVerifier:
+        return StaticVerifier(model, bucket, slots, graph=mode == "graph" or (mode == "compile" and cuda), compile=mode == "compile")
+
+    return pool.acquire((id(model), mode, bucket, slots), build) if pool is not None else build()

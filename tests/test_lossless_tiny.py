@@ -276,6 +276,32 @@ def test_static_cache_verifier_with_padded_trees(arch, caplog):
         assert len(speculator.verifiers) == 1  # one static cache, reused across requests
 
 
+def test_two_threads_sharing_one_static_speculator_match_plain_greedy():
+    """A static verifier holds its request's KV cache: concurrent requests must not share one."""
+    import threading
+
+    model = tiny_model("llama")
+    speculator = retrospec.Speculator([retrospec.ContextSource()], budget=8, config=retrospec.SpeculatorConfig(verify="static"))
+    prompts = [repetitive_prompt(96, 30, seed) for seed in range(30, 36)]
+    refs = [plain(model, ids, max_new_tokens=40) for ids in prompts]
+    outs: dict[int, torch.Tensor] = {}
+    start = threading.Barrier(2)
+
+    def work(worker: int) -> None:
+        start.wait()
+        for i in range(worker, len(prompts), 2):
+            outs[i] = spec(model, prompts[i], speculator, max_new_tokens=40).sequences
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, ref in enumerate(refs):
+        assert torch.equal(outs[i], ref), i
+    assert 1 <= len(speculator.verifiers) <= 2
+
+
 def test_stop_rule_fast_path_matches_the_criteria():
     from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 
@@ -290,15 +316,18 @@ def test_stop_rule_fast_path_matches_the_criteria():
 
 
 def test_verifier_choice():
-    from retrospec.verifier import DynamicVerifier, StaticVerifier, make_verifier
+    from retrospec.verifier import DynamicVerifier, StaticVerifier, VerifierPool, make_verifier
 
     model = tiny_model("llama")
     windows = {"full_attention": None}
     assert isinstance(make_verifier(model, "auto", windows, 100, 17), DynamicVerifier)  # CPU: dynamic
-    pool = {}
+    pool = VerifierPool()
     a = make_verifier(model, "static", windows, 300, 17, pool)
     assert isinstance(a, StaticVerifier) and a.max_len == 1024  # cache sizes come in a few buckets
-    assert make_verifier(model, "static", windows, 900, 17, pool) is a
+    b = make_verifier(model, "static", windows, 900, 17, pool)
+    assert b is not a  # a is still lent to its request: it holds that request's cache
+    pool.release(a)
+    assert make_verifier(model, "static", windows, 900, 17, pool) is a and len(pool) == 2
     with pytest.raises(ValueError, match="CUDA"):
         make_verifier(model, "graph", windows, 100, 17)
     with pytest.raises(ValueError, match="verify mode"):
