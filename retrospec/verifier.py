@@ -256,6 +256,7 @@ class VerifierPool:
         self._free: dict = {}
         self._keys: dict[int, object] = {}
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()  # one capture or compile at a time
 
     def acquire(self, key, build: Callable[[], object]):
         """A free verifier for ``key``, or a new one from ``build()``."""
@@ -263,7 +264,8 @@ class VerifierPool:
             free = self._free.get(key)
             if free:
                 return free.pop()
-        verifier = build()  # outside the lock: a capture or compile takes a while
+        with self._build_lock:  # not under _lock: a capture or compile takes a while
+            verifier = build()
         with self._lock:
             self._keys[id(verifier)] = (key, verifier)
         return verifier
