@@ -372,6 +372,8 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
     for m in methods:
         if isinstance(m, SpecMethod):
             m.speculator.verifiers = shared
+            if m.speculator.budget == "auto":
+                m.speculator.step_cost(model)  # measured once per model and device: not inside a timed run
     result = BenchResult(model=options.model, dtype=options.dtype)
     for m in methods:
         result.tallies[m.name] = {}
