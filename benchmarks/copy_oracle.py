@@ -35,7 +35,6 @@ def longest_copies(text: np.ndarray, out: np.ndarray, anchored: bool = False) ->
         starts = np.flatnonzero(seen == out[i])
         if anchored:
             starts = starts[(starts > 0) & (seen[np.maximum(starts - 1, 0)] == seen[-1])]
-            starts = starts[starts < seen.shape[0]]
         for s in starts.tolist():
             length = 0
             while i + length < out.shape[0] and s + length < seen.shape[0] and seen[s + length] == out[i + length]:
@@ -77,19 +76,22 @@ def main() -> None:
     tokens, steps, anchored, copied = defaultdict(int), defaultdict(int), defaultdict(int), defaultdict(int)
     for line in open(args.outputs, encoding="utf-8"):
         rec = json.loads(line)
-        for turn, (prompt, out) in enumerate(zip(rec["prompt_ids"], rec["outputs"])):
+        for prompt, out in zip(rec["prompt_ids"], rec["outputs"]):
             texts = [np.asarray(prompt, np.int64)]
             if tokenizer is not None and rec.get("passages"):
                 texts += [np.asarray(tokenizer(p, add_special_tokens=False)["input_ids"], np.int64) for p in rec["passages"]]
             out = np.asarray(out, np.int64)
             if out.shape[0] < 2:
                 continue
-            best = longest_copies(np.concatenate(texts), out)
+            text = np.concatenate(texts)
+            best = longest_copies(text, out)
+            free_steps, anchored_steps = oracle_steps(best), oracle_steps(longest_copies(text, out, anchored=True))
+            in_spans = int(covered(best, 4).sum())
             for key in (rec["category"], "overall"):
                 tokens[key] += out.shape[0]
-                steps[key] += oracle_steps(best)
-                anchored[key] += oracle_steps(longest_copies(np.concatenate(texts), out, anchored=True))
-                copied[key] += int(covered(best, 4).sum())
+                steps[key] += free_steps
+                anchored[key] += anchored_steps
+                copied[key] += in_spans
     print("| set | oracle copy MAT | anchored oracle MAT | output tokens | in copied spans of >= 4 |")
     print("|---|---:|---:|---:|---:|")
     for key in sorted(tokens, key=lambda k: (k == "overall", k)):

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 import retrospec
 from retrospec.prompts import PromptRecord, load_prompts, render
-from retrospec.speculator import Speculator
-from retrospec.verifier import VerifierPool
+from retrospec.speculator import AUTO, Speculator
+from retrospec.verifier import VerifierPool, cache_bucket
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
     for m in methods:
         if isinstance(m, SpecMethod):
             m.speculator.verifiers = shared
-            if m.speculator.budget == "auto":
+            if m.speculator.budget == AUTO:
                 m.speculator.step_cost(model)  # measured once per model and device: not inside a timed run
     result = BenchResult(model=options.model, dtype=options.dtype)
     for m in methods:
@@ -450,7 +450,7 @@ def _bucket_representatives(records: list[PromptRecord], tokenizer, max_new_toke
     for record in records:
         prompt = render(tokenizer, [{"role": "user", "content": "\n".join(record.turns)}], raw=record.raw).shape[1]
         size = prompt + max_new_tokens * len(record.turns) + 256  # 256: room for the tree slots
-        bucket = 1 << max(int(size - 1).bit_length(), 10)
+        bucket = cache_bucket(size)
         if size > longest.get(bucket, (-1, None))[0]:
             longest[bucket] = (size, record)
     return [record for _, record in sorted(longest.values(), key=lambda x: x[0])]
@@ -532,11 +532,10 @@ def report_markdown(doc: dict, result: BenchResult, options: BenchOptions, model
         lines.append(f"| {name} | {t.decode_tok_s():.2f} | {speed:.2f}× | {t.prefill_seconds / max(t.prefills, 1):.2f} | "
                      f"{t.prefill_seconds / t.seconds if t.seconds else 0.0:.0%} |")
     lines.append("")
-    if any(k != "decode" for d in result.details.values() for k in d):
+    stepped = {name: d for name, d in result.details.items() if "steps" in d}  # retrospec's own methods
+    if stepped:
         lines += ["## Where accepted tokens came from", "", "| method | accepted drafts | by source | by several | mean tree | host ms/step |", "|---|---:|---|---:|---:|---:|"]
-        for name, d in result.details.items():
-            if "steps" not in d:
-                continue
+        for name, d in stepped.items():
             steps = max(d.get("steps", 0), 1)
             host = sum(v for k, v in d.get("seconds", {}).items() if k not in ("forward", "prefill"))
             by_source = ", ".join(f"{k} {v}" for k, v in d.get("accepted_by_source", {}).items())

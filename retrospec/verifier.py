@@ -239,6 +239,16 @@ def _fill_block(block, parents, masked):
             p = parents[p]
 
 
+def cache_bucket(length: int) -> int:
+    """The static cache length serving a request of ``length`` tokens (prompt + new tokens +
+    tree slots): the next power of two, at least 1,024 — a few sizes serve all requests.
+
+    >>> cache_bucket(300), cache_bucket(1024), cache_bucket(1025)
+    (1024, 1024, 2048)
+    """
+    return 1 << max(int(length - 1).bit_length(), 10)
+
+
 class VerifierPool:
     """Static verifiers kept across requests (their CUDA graphs stay captured), each lent to
     one request at a time: a verifier holds its request's KV cache, so two requests running
@@ -254,7 +264,7 @@ class VerifierPool:
 
     def __init__(self) -> None:
         self._free: dict = {}
-        self._keys: dict[int, object] = {}
+        self._keys: dict[int, tuple] = {}  # id(verifier) -> (key, verifier)
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()  # one capture or compile at a time
 
@@ -299,7 +309,7 @@ def make_verifier(
         mode = "dynamic"
     if mode == "dynamic":
         return DynamicVerifier(model, windows)
-    bucket = 1 << max(int(max_len - 1).bit_length(), 10)  # a few cache sizes serve all requests
+    bucket = cache_bucket(max_len)
     cuda = device.type == "cuda"
 
     def build() -> StaticVerifier:
