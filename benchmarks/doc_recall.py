@@ -16,10 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
-from retrospec.documents import DocumentStore, build_document_store
-from retrospec.index_cli import load_tokenizer
-from retrospec.indexing.corpus import Document
-from retrospec.indexing.store import IndexFormatError
+from retrospec.datastores.documents import DocumentStore, build_document_store
+from retrospec.tools.index_cli import load_tokenizer
+from retrospec.datastores.corpus import Document
+from retrospec.datastores.files import IndexFormatError
 
 RAG = Path(__file__).resolve().parents[2] / "shared" / "bench" / "rag"
 

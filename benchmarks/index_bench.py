@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrospec.indexing.build import BuildOptions, write_index
-from retrospec.indexing.corpus import Document
-from retrospec.sources.suffix_index import SuffixConfig, SuffixIndex
+from retrospec.datastores.suffix_build import BuildOptions, write_index
+from retrospec.datastores.corpus import Document
+from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex
 
 SPECBENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "specbench" / "question.jsonl"
 
@@ -83,7 +83,7 @@ def measure(index: SuffixIndex, queries: list[np.ndarray], max_nodes: int) -> di
 
 
 def cmd_latency(args) -> None:
-    from retrospec.index_cli import load_tokenizer
+    from retrospec.tools.index_cli import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     index = SuffixIndex.open(args.index, tokenizer=tokenizer)
@@ -131,7 +131,7 @@ def memory(index_dir: str, tokenizer_name: str, release_every: tuple[int, ...], 
     """Query ``index_dir`` from fresh, lean processes (numpy + numba, no torch; no numba
     either with ``jit=False``), one per ``release_every`` setting, and print their resident
     memory and latency."""
-    from retrospec.index_cli import load_tokenizer
+    from retrospec.tools.index_cli import load_tokenizer
 
     queries = contexts(load_tokenizer(tokenizer_name), 4)
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from retrospec.index_cli import load_tokenizer
+from retrospec.tools.index_cli import load_tokenizer
 
 LEVAL = Path(__file__).resolve().parents[2] / "shared" / "bench" / "long_context" / "leval"
 

@@ -12,29 +12,29 @@ import importlib
 from typing import TYPE_CHECKING
 
 # Names resolve on first use (PEP 562), so a process that only queries an index
-# (``retrospec.sources.suffix_index``: numpy + numba) never imports torch or transformers.
+# (``retrospec.datastores.suffix_index``: numpy + numba) never imports torch or transformers.
 _EXPORTS = {
     "AssistantChain": "retrospec.assistant",
     "SpecOutput": "retrospec.hooks",
     "custom_generate": "retrospec.hooks",
     "generate": "retrospec.hooks",
     "load_model": "retrospec.models",
-    "Datastores": "retrospec.defaults",
-    "default_sources": "retrospec.defaults",
-    "DocumentStore": "retrospec.documents",
+    "Datastores": "retrospec.sources.registry",
+    "default_sources": "retrospec.sources.registry",
+    "DocumentStore": "retrospec.datastores.documents",
     "DocumentConfig": "retrospec.sources.documents",
     "DocumentSource": "retrospec.sources.documents",
     "DrafterConfig": "retrospec.sources.drafter",
     "ModelDrafter": "retrospec.sources.drafter",
     "TokenRecycling": "retrospec.sources.recycling",
-    "SuffixConfig": "retrospec.sources.suffix_index",
-    "SuffixIndex": "retrospec.sources.suffix_index",
+    "SuffixConfig": "retrospec.datastores.suffix_index",
+    "SuffixIndex": "retrospec.datastores.suffix_index",
     "ContextConfig": "retrospec.sources.context",
     "ContextSource": "retrospec.sources.context",
     "Source": "retrospec.sources.base",
     "Verified": "retrospec.sources.base",
-    "Speculator": "retrospec.speculator",
-    "SpeculatorConfig": "retrospec.speculator",
+    "Speculator": "retrospec.drafting.speculator",
+    "SpeculatorConfig": "retrospec.drafting.speculator",
     "SpecStats": "retrospec.stats",
     "DraftTree": "retrospec.tree",
     "TreeBuffers": "retrospec.tree",
@@ -59,8 +59,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from retrospec.assistant import AssistantChain
-    from retrospec.defaults import Datastores, default_sources
-    from retrospec.documents import DocumentStore
+    from retrospec.sources.registry import Datastores, default_sources
+    from retrospec.datastores.documents import DocumentStore
     from retrospec.hooks import SpecOutput, custom_generate, generate
     from retrospec.models import load_model
     from retrospec.sources.base import Source, Verified
@@ -68,8 +68,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from retrospec.sources.documents import DocumentConfig, DocumentSource
     from retrospec.sources.drafter import DrafterConfig, ModelDrafter
     from retrospec.sources.recycling import TokenRecycling
-    from retrospec.sources.suffix_index import SuffixConfig, SuffixIndex
-    from retrospec.speculator import Speculator, SpeculatorConfig
+    from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex
+    from retrospec.drafting.speculator import Speculator, SpeculatorConfig
     from retrospec.stats import SpecStats
     from retrospec.tree import DraftTree, TreeBuffers, fuse, prune, to_buffers
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from retrospec.speculator import Speculator
+from retrospec.drafting.speculator import Speculator
 from retrospec.tree import ROOT, DraftTree
 
 DRAFT_LOGIT = 1e4

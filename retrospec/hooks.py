@@ -21,11 +21,11 @@ import torch
 from transformers.utils import ModelOutput
 
 from retrospec.compat import check_transformers, max_positions
-from retrospec.kvcache import layer_windows
+from retrospec.verify.cache import layer_windows
 from retrospec.loop import DecodeSettings, decode_row
-from retrospec.speculator import Speculator
+from retrospec.drafting.speculator import Speculator
 from retrospec.stats import SpecStats
-from retrospec.verifier import StaticVerifier, make_verifier
+from retrospec.verify.verifiers import StaticVerifier, make_verifier
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from retrospec.sources.base import Verified
-from retrospec.speculator import Speculator
+from retrospec.drafting.speculator import Speculator
 from retrospec.stats import SpecStats
-from retrospec.verifier import Verifier
-from retrospec.verify import accept_greedy_host, accept_walk, pick_token, predictions
+from retrospec.verify.verifiers import Verifier
+from retrospec.verify.acceptance import accept_greedy_host, accept_walk, pick_token, predictions
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def decode_row(
         ids: ``[1, L]`` the prompt tokens the model reads (no padding).
         shown: ``[1, P]`` the row as plain ``generate()`` shows it to logits processors and
             stopping criteria (left padding included); ends with ``ids``.
-        verifier: runs the forwards and keeps the cache (see :mod:`retrospec.verifier`).
+        verifier: runs the forwards and keeps the cache (see :mod:`retrospec.verify.verifiers`).
 
     Returns the new tokens and the statistics of this row.
     """

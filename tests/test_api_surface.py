@@ -11,20 +11,21 @@ import torch
 
 import retrospec
 from conftest import BENCH, repetitive_prompt, tiny_model
-from retrospec import bench, compat, models, prompts
-from retrospec.budget import StepCost, measure_step_cost, write_atomic
-from retrospec.defaults import Datastores, make_source, recycling_for
-from retrospec.demo import demo_prompts
-from retrospec.indexing.build import suffix_array
-from retrospec.indexing.corpus import ReadOptions, iter_documents
-from retrospec.indexing.store import edge_digest, file_digest, tokenizer_identity
-from retrospec.kvcache import keep_path, new_cache
+from retrospec import compat, models
+from retrospec.tools import bench, prompts
+from retrospec.drafting.budget import StepCost, measure_step_cost, write_atomic
+from retrospec.sources.registry import Datastores, make_source, recycling_for
+from retrospec.tools.demo import demo_prompts
+from retrospec.datastores.suffix_build import suffix_array
+from retrospec.datastores.corpus import ReadOptions, iter_documents
+from retrospec.datastores.files import edge_digest, file_digest, tokenizer_identity
+from retrospec.verify.cache import keep_path, new_cache
 from retrospec.paths import cache_dir, cache_root
-from retrospec.simulate import replay
+from retrospec.tools.simulate import replay
 from retrospec.sources.recycling import model_fingerprint
-from retrospec.sources.suffix_index import bits_for, pack_bits, sa_range
+from retrospec.datastores.suffix_index import bits_for, pack_bits, sa_range
 from retrospec.tree import DraftTree, prune_with_index, to_buffers
-from retrospec.verify import forward_tree, pick_token, predictions
+from retrospec.verify.acceptance import forward_tree, pick_token, predictions
 
 
 def test_compat_and_models_helpers():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from retrospec import models
-from retrospec.cli import main
+from retrospec.tools.cli import main
 
 SPECBENCH_LINES = [
     {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now one about snow."]},

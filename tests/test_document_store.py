@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import retrospec
-from retrospec.documents import DocumentStore, build_document_store, chunk_spans, gram_keys
-from retrospec.indexing.corpus import Document
-from retrospec.indexing.store import IndexFormatError
+from retrospec.datastores.documents import DocumentStore, build_document_store, chunk_spans, gram_keys
+from retrospec.datastores.corpus import Document
+from retrospec.datastores.files import IndexFormatError
 
 DOCS = [
     "The Harlow Lighthouse was completed in 1871 and electrified in 1934. Its tower is 31 metres tall.",

@@ -316,7 +316,7 @@ def test_stop_rule_fast_path_matches_the_criteria():
 
 
 def test_verifier_choice():
-    from retrospec.verifier import DynamicVerifier, StaticVerifier, VerifierPool, make_verifier
+    from retrospec.verify.verifiers import DynamicVerifier, StaticVerifier, VerifierPool, make_verifier
 
     model = tiny_model("llama")
     windows = {"full_attention": None}

@@ -7,8 +7,8 @@ import torch
 
 import retrospec
 from conftest import BENCH
-from retrospec.defaults import default_sources
-from retrospec.prompts import load_prompts, render
+from retrospec.sources.registry import default_sources
+from retrospec.tools.prompts import load_prompts, render
 
 SPECBENCH = BENCH / "specbench" / "question.jsonl"
 

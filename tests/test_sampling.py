@@ -9,7 +9,7 @@ import retrospec
 from conftest import tiny_model
 from helpers import FixedTreeSource
 from retrospec.tree import DraftTree, to_buffers
-from retrospec.verify import accept_walk
+from retrospec.verify.acceptance import accept_walk
 
 
 def tv(p: np.ndarray, q: np.ndarray) -> float:

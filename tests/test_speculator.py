@@ -5,8 +5,8 @@ import pytest
 
 import retrospec
 from helpers import FixedTreeSource
-from retrospec.budget import StepCost, choose_budget, step_cost_for
-from retrospec.calibration import Calibrator, conditional_scores, path_scores
+from retrospec.drafting.budget import StepCost, choose_budget, step_cost_for
+from retrospec.drafting.calibration import Calibrator, conditional_scores, path_scores
 from retrospec.sources.base import Verified
 from retrospec.tree import DraftTree
 

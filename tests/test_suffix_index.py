@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrospec.indexing.build import BuildOptions, build_index, merge_indexes
-from retrospec.indexing.corpus import CorpusError, ReadOptions
-from retrospec.indexing.store import IndexFormatError
-from retrospec.sources.suffix_index import SuffixConfig, SuffixIndex, verify_index
+from retrospec.datastores.suffix_build import BuildOptions, build_index, merge_indexes
+from retrospec.datastores.corpus import CorpusError, ReadOptions
+from retrospec.datastores.files import IndexFormatError
+from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex, verify_index
 
 
 class IdTokenizer:
@@ -165,7 +165,7 @@ def test_corruption_in_the_middle_of_a_large_file_is_found_by_verify(tmp_path):
 
 
 def test_an_interrupted_build_leaves_the_previous_index_untouched(tmp_path, monkeypatch):
-    from retrospec.indexing import build as build_module
+    from retrospec.datastores import suffix_build as build_module
 
     build(tmp_path, [[1, 2, 3, 4]])
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -275,7 +275,7 @@ def test_only_large_indexes_release_their_pages(tmp_path, monkeypatch):
 LEAN_QUERY = """
 import json, sys
 import numpy as np
-from retrospec.sources.suffix_index import SuffixIndex
+from retrospec.datastores.suffix_index import SuffixIndex
 index = SuffixIndex.open(sys.argv[1])
 trees = [index.query(np.asarray(c, np.int64), 32) for c in json.loads(sys.argv[2])]
 print(json.dumps({"numba": "numba" in sys.modules, "torch": "torch" in sys.modules,

@@ -3,7 +3,7 @@
 In retrieval-augmented generation the answer is largely copied from the retrieved passages
 (RASD, RAPID). For each request this source takes the documents that came with it (a RAG
 pipeline's retrieved passages) or retrieves the top chunks for the prompt from a
-:class:`~retrospec.documents.DocumentStore`, tokenizes them with the target's tokenizer,
+:class:`~retrospec.datastores.documents.DocumentStore`, tokenizes them with the target's tokenizer,
 and drafts:
 
 1. **exact**: the continuations, inside the documents, of every recent occurrence of the
@@ -68,7 +68,7 @@ class DocumentSource:
 
     Args:
         tokenizer: the target model's tokenizer.
-        store: a :class:`~retrospec.documents.DocumentStore` to retrieve from when a request
+        store: a :class:`~retrospec.datastores.documents.DocumentStore` to retrieve from when a request
             brings no documents (optional).
     """
 
@@ -87,7 +87,7 @@ class DocumentSource:
         """A source over ``tokenizer``, retrieving from the store directory ``store`` if given."""
         opened = None
         if store:
-            from retrospec.documents import DocumentStore
+            from retrospec.datastores.documents import DocumentStore
 
             opened = DocumentStore.open(store)
         return cls(tokenizer, opened, config)

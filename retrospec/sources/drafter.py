@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from retrospec.compat import accepts, cache_kwarg
-from retrospec.kvcache import layer_windows, new_cache
+from retrospec.verify.cache import layer_windows, new_cache
 from retrospec.sources.base import Verified
 from retrospec.tree import ROOT, DraftTree, ancestor_matrix, fuse, prune
 

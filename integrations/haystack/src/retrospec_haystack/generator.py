@@ -65,7 +65,7 @@ class _Engine:
         if self.model is not None:
             return
         import retrospec
-        from retrospec.defaults import Datastores, default_sources
+        from retrospec.sources.registry import Datastores, default_sources
 
         self.model, self.tokenizer = retrospec.load_model(self.model_name, self.dtype)
         sources = default_sources(self.model, self.tokenizer, Datastores(index=self.index))
@@ -75,7 +75,7 @@ class _Engine:
         import torch
 
         import retrospec
-        from retrospec.prompts import render
+        from retrospec.tools.prompts import render
 
         if self.model is None:
             raise RuntimeError("the component was not warmed up: call warm_up() (a Pipeline does it for you)")

@@ -59,8 +59,8 @@ def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
     import retrospec
-    from retrospec.defaults import Datastores, default_sources
-    from retrospec.prompts import render
+    from retrospec.sources.registry import Datastores, default_sources
+    from retrospec.tools.prompts import render
 
     torch.set_num_threads(args.threads)
     if (args.prompt is None) == (args.file is None):
@@ -105,7 +105,7 @@ def cmd_generate(args) -> int:
 
 # ----------------------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
-    from retrospec.bench import BenchOptions, run_bench
+    from retrospec.tools.bench import BenchOptions, run_bench
 
     options = BenchOptions(
         model=args.model, data=args.data, per_category=args.per_category, max_new_tokens=args.max_new_tokens,
@@ -125,7 +125,7 @@ def cmd_bench(args) -> int:
 
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
-    from retrospec.demo import run_demo
+    from retrospec.tools.demo import run_demo
 
     rows = run_demo(args.model, args.dtype, args.max_new_tokens, args.threads, args.budget if args.budget == "auto" else int(args.budget))
     for row in rows:
@@ -143,11 +143,11 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------- simulate
 def cmd_simulate(args) -> int:
     import retrospec
-    from retrospec.simulate import simulate
+    from retrospec.tools.simulate import simulate
 
     sources = {"context": [retrospec.ContextSource()]}
     if args.index:
-        from retrospec.sources.suffix_index import SuffixIndex
+        from retrospec.datastores.suffix_index import SuffixIndex
 
         index = SuffixIndex.open(args.index)
         sources["suffix-index"] = [index]
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     try:
-        from retrospec.index_cli import add_index_parser
+        from retrospec.tools.index_cli import add_index_parser
     except ImportError:
         pass
     else:

@@ -16,9 +16,9 @@ from importlib import resources
 import torch
 
 import retrospec
-from retrospec.defaults import default_sources
+from retrospec.sources.registry import default_sources
 from retrospec.models import DEFAULT_MODEL
-from retrospec.prompts import PromptRecord, load_prompts, render
+from retrospec.tools.prompts import PromptRecord, load_prompts, render
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from retrospec.indexing.store import (
+from retrospec.datastores.files import (
     IndexFormatError,
     check_files,
     check_tokenizer,
@@ -335,7 +335,7 @@ class SuffixIndex:
     """A read-only, memory-mapped corpus index usable as a draft source.
 
     Open one with :meth:`open`; build one with ``retrospec index build`` or
-    :func:`retrospec.indexing.build.build_index`.
+    :func:`retrospec.datastores.suffix_build.build_index`.
     """
 
     name = "suffix-index"

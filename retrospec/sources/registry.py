@@ -56,7 +56,7 @@ def make_source(name: str, model, tokenizer, stores: Datastores = Datastores()):
     if name == "suffix-index":
         if not stores.index:
             raise ValueError("the suffix-index source needs an index directory (--index DIR)")
-        from retrospec.sources.suffix_index import SuffixIndex
+        from retrospec.datastores.suffix_index import SuffixIndex
 
         return SuffixIndex.open(stores.index, tokenizer=tokenizer)
     if name == "documents":

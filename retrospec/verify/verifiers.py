@@ -27,9 +27,9 @@ import torch
 
 from retrospec.compat import accepts, cache_kwarg
 from retrospec.jit import njit
-from retrospec.kvcache import keep_path, new_cache
+from retrospec.verify.cache import keep_path, new_cache
 from retrospec.tree import DraftTree, TreeBuffers, to_buffers
-from retrospec.verify import forward_tree
+from retrospec.verify.acceptance import forward_tree
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from retrospec.budget import StepCost, choose_budget, step_cost_for
-from retrospec.calibration import Calibrator, conditional_scores, path_scores
+from retrospec.drafting.budget import StepCost, choose_budget, step_cost_for
+from retrospec.drafting.calibration import Calibrator, conditional_scores, path_scores
 from retrospec.sources.base import Source, Verified
 from retrospec.tree import DraftTree, cap_depth, fuse_with_index, prune_with_index
 
@@ -58,7 +58,7 @@ class SpeculatorConfig:
             )
         if self.combine not in ("noisy_or", "max"):
             raise ValueError(f"combine must be 'noisy_or' or 'max', got {self.combine!r}")
-        from retrospec.verifier import VERIFY_MODES
+        from retrospec.verify.verifiers import VERIFY_MODES
 
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
@@ -73,7 +73,7 @@ class Speculator:
         sources: the draft sources; default one :class:`~retrospec.ContextSource`.
         budget: nodes verified per step: an ``int``, or ``"auto"`` to pick, every step, the
             size that maximises expected tokens per second under this model's measured
-            step cost (see :mod:`retrospec.budget`).
+            step cost (see :mod:`retrospec.drafting.budget`).
         config: the remaining knobs.
 
     >>> from retrospec import ContextSource
@@ -101,7 +101,7 @@ class Speculator:
         self.config = config or SpeculatorConfig()
         self.calibrator = Calibrator(len(sources))
         self._costs: dict[int, StepCost] = {}
-        from retrospec.verifier import VerifierPool  # local: it imports transformers
+        from retrospec.verify.verifiers import VerifierPool  # local: it imports transformers
 
         self.verifiers = VerifierPool()  # static verifiers (and their CUDA graphs), reused across requests
         self.last_stats = None  # SpecStats of the latest generate() call, set by the loop

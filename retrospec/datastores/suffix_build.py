@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from retrospec.indexing.corpus import CorpusError, Document, ReadOptions, iter_documents
-from retrospec.indexing.store import (
+from retrospec.datastores.corpus import CorpusError, Document, ReadOptions, iter_documents
+from retrospec.datastores.files import (
     IndexFormatError,
     building,
     now,
@@ -38,7 +38,7 @@ from retrospec.indexing.store import (
     tokenizer_identity,
     write_manifest,
 )
-from retrospec.sources.suffix_index import FORMAT, FORMAT_VERSION, bits_for, pack_bits
+from retrospec.datastores.suffix_index import FORMAT, FORMAT_VERSION, bits_for, pack_bits
 
 log = logging.getLogger(__name__)
 

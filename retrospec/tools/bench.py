@@ -26,9 +26,9 @@ import transformers
 from tqdm.auto import tqdm
 
 import retrospec
-from retrospec.prompts import PromptRecord, load_prompts, render
-from retrospec.speculator import AUTO, Speculator
-from retrospec.verifier import VerifierPool, cache_bucket
+from retrospec.tools.prompts import PromptRecord, load_prompts, render
+from retrospec.drafting.speculator import AUTO, Speculator
+from retrospec.verify.verifiers import VerifierPool, cache_bucket
 
 log = logging.getLogger(__name__)
 
@@ -230,20 +230,20 @@ def _pld(name, model, tokenizer, options):
 
 
 def _config(options: BenchOptions):
-    from retrospec.speculator import SpeculatorConfig
+    from retrospec.drafting.speculator import SpeculatorConfig
 
     return SpeculatorConfig(verify=options.verify, profile=options.profile, static_slots=options.slots)
 
 
 def _stores(options: BenchOptions):
-    from retrospec.defaults import Datastores
+    from retrospec.sources.registry import Datastores
 
     return Datastores(index=options.index, recycling=options.recycling, documents=options.documents, drafter=options.drafter)
 
 
 @method("retrospec")
 def _retrospec(name, model, tokenizer, options):
-    from retrospec.defaults import default_sources
+    from retrospec.sources.registry import default_sources
 
     sources = default_sources(model, tokenizer, _stores(options))
     return SpecMethod(name, model, tokenizer, Speculator(sources, budget=_budget(options), config=_config(options)), use_documents=True)
@@ -252,7 +252,7 @@ def _retrospec(name, model, tokenizer, options):
 def _sources_method(name, model, tokenizer, options):
     """``a+b+...``: a speculator over the named sources (``recycling`` alone verifies the
     paper's full static tree, as Token Recycling does)."""
-    from retrospec.defaults import make_source
+    from retrospec.sources.registry import make_source
 
     names = split_budget(name)[0].split("+")
     sources = [make_source(n, model, tokenizer, _stores(options)) for n in names]
@@ -272,7 +272,7 @@ def split_budget(name: str) -> tuple[str, str | None]:
 
 def check_method(name: str) -> None:
     """``ValueError`` naming the known methods unless ``name`` is one."""
-    from retrospec.defaults import SOURCE_NAMES
+    from retrospec.sources.registry import SOURCE_NAMES
 
     base, _ = split_budget(name)
     if base not in METHODS and not all(part in SOURCE_NAMES for part in base.split("+")):

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrospec.prompts import read_jsonl
+from retrospec.tools.prompts import read_jsonl
 from retrospec.sources.base import Verified
-from retrospec.speculator import Speculator
+from retrospec.drafting.speculator import Speculator
 from retrospec.tree import DraftTree
 
 

@@ -117,7 +117,7 @@ def measure_step_cost(
     Takes the fastest of ``repeats`` runs: interference from other processes only ever
     adds time, so the minimum is the most repeatable estimate of the model's own cost.
     """
-    from retrospec.kvcache import new_cache  # local: kvcache imports heavy transformers bits
+    from retrospec.verify.cache import new_cache  # local: kvcache imports heavy transformers bits
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype

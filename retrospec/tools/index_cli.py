@@ -19,12 +19,12 @@ def load_tokenizer(name_or_path: str):
 
 
 def cmd_build(args) -> int:
-    from retrospec.indexing.build import BuildOptions, build_index
-    from retrospec.indexing.corpus import DEFAULT_TREE_GLOBS, ReadOptions
+    from retrospec.datastores.suffix_build import BuildOptions, build_index
+    from retrospec.datastores.corpus import DEFAULT_TREE_GLOBS, ReadOptions
 
     tokenizer = load_tokenizer(args.tokenizer)
     if args.documents:
-        from retrospec.documents import build_document_store
+        from retrospec.datastores.documents import build_document_store
 
         report = build_document_store(args.input, tokenizer, args.out, field=args.field, embedder=args.embedder, chunk_tokens=args.chunk_tokens)
         print(json.dumps(report, indent=1))
@@ -47,15 +47,15 @@ def _open_any(path: str):
     """A suffix index or a document store, whichever ``path`` holds."""
     from pathlib import Path
 
-    from retrospec.indexing.store import MANIFEST, IndexFormatError
+    from retrospec.datastores.files import MANIFEST, IndexFormatError
 
     manifest = Path(path) / MANIFEST
     kind = json.loads(manifest.read_text()).get("format") if manifest.exists() else None
     if kind == "retrospec-document-store":
-        from retrospec.documents import DocumentStore
+        from retrospec.datastores.documents import DocumentStore
 
         return DocumentStore.open(path)
-    from retrospec.sources.suffix_index import SuffixIndex
+    from retrospec.datastores.suffix_index import SuffixIndex
 
     if kind is None and not Path(path).is_dir():
         raise IndexFormatError(f"{path}: no such index directory")
@@ -63,7 +63,7 @@ def _open_any(path: str):
 
 
 def cmd_verify(args) -> int:
-    from retrospec.sources.suffix_index import verify_index
+    from retrospec.datastores.suffix_index import verify_index
 
     start = time.perf_counter()
     result = verify_index(args.dir)
@@ -74,7 +74,7 @@ def cmd_verify(args) -> int:
 def cmd_query(args) -> int:
     import numpy as np
 
-    from retrospec.sources.suffix_index import SuffixIndex
+    from retrospec.datastores.suffix_index import SuffixIndex
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     if tokenizer is None:
@@ -97,7 +97,7 @@ def cmd_query(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from retrospec.indexing.build import merge_indexes
+    from retrospec.datastores.suffix_build import merge_indexes
 
     print(json.dumps(merge_indexes(args.inputs, args.out), indent=1))
     return 0

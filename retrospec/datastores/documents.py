@@ -33,8 +33,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from retrospec.indexing.corpus import Document, ReadOptions, iter_documents
-from retrospec.indexing.store import (
+from retrospec.datastores.corpus import Document, ReadOptions, iter_documents
+from retrospec.datastores.files import (
     IndexFormatError,
     check_files,
     describe_file,
@@ -199,7 +199,7 @@ class DocumentStore:
     def open(cls, root: str | Path, tokenizer=None) -> "DocumentStore":
         manifest = read_manifest(root, FORMAT, FORMAT_VERSION)
         if tokenizer is not None:
-            from retrospec.indexing.store import check_tokenizer
+            from retrospec.datastores.files import check_tokenizer
 
             check_tokenizer(manifest, tokenizer)
         check_files(manifest.root, manifest.data["files"])

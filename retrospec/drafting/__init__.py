@@ -1,0 +1,1 @@
+"""Drafting: every source's tree, calibrated, fused and pruned to a budget (no model calls)."""
