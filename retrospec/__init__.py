@@ -23,25 +23,35 @@ _EXPORTS = {
     "default_sources": "retrospec.sources.registry",
     "DocumentStore": "retrospec.datastores.documents",
     "DocumentConfig": "retrospec.sources.documents",
-    "DocumentSource": "retrospec.sources.documents",
     "DrafterConfig": "retrospec.sources.drafter",
-    "ModelDrafter": "retrospec.sources.drafter",
-    "TokenRecycling": "retrospec.sources.recycling",
     "SuffixConfig": "retrospec.datastores.suffix_index",
-    "SuffixIndex": "retrospec.datastores.suffix_index",
     "ContextConfig": "retrospec.sources.context",
-    "ContextSource": "retrospec.sources.context",
     "Source": "retrospec.sources.base",
     "Verified": "retrospec.sources.base",
     "Speculator": "retrospec.drafting.speculator",
     "SpeculatorConfig": "retrospec.drafting.speculator",
     "SpecStats": "retrospec.stats",
     "DraftTree": "retrospec.tree",
-    "TreeBuffers": "retrospec.tree",
+    "TreeBuffers": "retrospec.buffers",
     "fuse": "retrospec.tree",
     "prune": "retrospec.tree",
-    "to_buffers": "retrospec.tree",
+    "to_buffers": "retrospec.buffers",
+    "tree_buffers": "retrospec.buffers",
+    "generate_many": "retrospec.hooks",
+    "VerifierConfig": "retrospec.verify.verifiers",
 }
+
+
+
+def _register_sources() -> None:
+    """Every registered source's class is ``retrospec.<Class>`` (see retrospec.sources.registry)."""
+    from retrospec.sources.registry import SOURCES
+
+    for entry in SOURCES.values():
+        _EXPORTS.setdefault(entry.cls, entry.module)
+
+
+_register_sources()
 
 
 def __getattr__(name: str):
@@ -61,7 +71,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from retrospec.assistant import AssistantChain
     from retrospec.sources.registry import Datastores, default_sources
     from retrospec.datastores.documents import DocumentStore
-    from retrospec.hooks import SpecOutput, custom_generate, generate
+    from retrospec.buffers import TreeBuffers, to_buffers, tree_buffers
+    from retrospec.hooks import SpecOutput, custom_generate, generate, generate_many
     from retrospec.models import load_model
     from retrospec.sources.base import Source, Verified
     from retrospec.sources.context import ContextConfig, ContextSource
@@ -71,7 +82,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex
     from retrospec.drafting.speculator import Speculator, SpeculatorConfig
     from retrospec.stats import SpecStats
-    from retrospec.tree import DraftTree, TreeBuffers, fuse, prune, to_buffers
+    from retrospec.tree import DraftTree, fuse, prune
+    from retrospec.verify.verifiers import VerifierConfig
 
 __version__ = "0.1.0"
 
@@ -97,10 +109,13 @@ __all__ = [
     "SpeculatorConfig",
     "TreeBuffers",
     "Verified",
+    "VerifierConfig",
     "custom_generate",
     "fuse",
     "generate",
+    "generate_many",
     "load_model",
     "prune",
     "to_buffers",
+    "tree_buffers",
 ]

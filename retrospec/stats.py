@@ -16,7 +16,10 @@ class SpecStats:
     new_tokens: int = 0
     """Tokens appended to the prompt(s), over all rows."""
     steps: int = 0
-    """Target-model forwards after the prefill."""
+    """Verification steps after the prefill, per row: a batch of ``B`` live rows adds ``B``
+    steps per forward (so ``new_tokens / steps`` is the mean accepted per row and step)."""
+    forwards: int = 0
+    """Verification forwards (one per step of the whole batch)."""
     prefills: int = 0
     """Prompt forwards (one per row)."""
     accepted_hist: list[int] = field(default_factory=list)
@@ -59,6 +62,7 @@ class SpecStats:
         out = SpecStats(
             new_tokens=self.new_tokens + other.new_tokens,
             steps=self.steps + other.steps,
+            forwards=self.forwards + other.forwards,
             prefills=self.prefills + other.prefills,
             drafted_nodes=self.drafted_nodes + other.drafted_nodes,
             accepted_by_several=self.accepted_by_several + other.accepted_by_several,
@@ -84,6 +88,7 @@ class SpecStats:
         return {
             "new_tokens": self.new_tokens,
             "steps": self.steps,
+            "forwards": self.forwards,
             "mean_accepted": round(self.mean_accepted, 4),
             "mean_tree_size": round(self.mean_tree_size, 2),
             "accepted_hist": list(self.accepted_hist),

@@ -25,14 +25,11 @@ Worked example — two sources guess after "the":
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from retrospec.jit import njit
-
-if TYPE_CHECKING:  # torch is imported where buffers are built: trees and queries need only numpy
-    import torch
 
 ROOT = -1
 """Parent index of the children of the root (the last committed token)."""
@@ -284,15 +281,24 @@ def prune_with_index(tree: DraftTree, budget: int) -> tuple[DraftTree, np.ndarra
     if n <= budget:
         return tree, np.arange(n, dtype=np.int64)
     # score descending, then index ascending: a parent always ranks before its children
-    order = np.lexsort((np.arange(n), -tree.scores))[:budget]
-    keep = np.sort(order)
-    remap = np.full(n, ROOT, np.int64)
+    keep = np.sort(np.lexsort((np.arange(n), -tree.scores))[:budget])
+    return subtree(tree, keep), keep
+
+
+def subtree(tree: DraftTree, keep: np.ndarray) -> DraftTree:
+    """The nodes ``keep`` (ascending indices, prefix-closed: every kept node's parent is
+    kept) as a tree of their own, parents renumbered.
+
+    >>> t = DraftTree.from_paths([[1, 2], [3]])
+    >>> subtree(t, np.array([0, 2])).parents.tolist()
+    [-1, -1]
+    """
+    remap = np.full(len(tree), ROOT, np.int64)
     remap[keep] = np.arange(keep.shape[0])
     kept_parents = tree.parents[keep]
     new_parents = np.where(kept_parents == ROOT, ROOT, remap[np.maximum(kept_parents, 0)]).astype(np.int32)
-    assert (new_parents[kept_parents != ROOT] != ROOT).all(), "pruned set is not prefix-closed"
-    pruned = DraftTree(tree.tokens[keep], new_parents, tree.scores[keep], tree.sources[keep])
-    return pruned, keep
+    assert (new_parents[kept_parents != ROOT] != ROOT).all(), "the kept nodes are not prefix-closed"
+    return DraftTree(tree.tokens[keep], new_parents, tree.scores[keep], tree.sources[keep])
 
 
 def cap_depth(tree: DraftTree, max_depth: int) -> DraftTree:
@@ -302,137 +308,4 @@ def cap_depth(tree: DraftTree, max_depth: int) -> DraftTree:
     depth = tree.depths()
     if depth.max() <= max_depth:
         return tree
-    keep = np.flatnonzero(depth <= max_depth)
-    remap = np.full(len(tree), ROOT, np.int64)
-    remap[keep] = np.arange(keep.shape[0])
-    parents = tree.parents[keep]
-    new_parents = np.where(parents == ROOT, ROOT, remap[np.maximum(parents, 0)]).astype(np.int32)
-    return DraftTree(tree.tokens[keep], new_parents, tree.scores[keep], tree.sources[keep])
-
-
-class TreeBuffers(NamedTuple):
-    """Everything one verification forward needs, on the model's device.
-
-    Slot 0 is the root (the last committed token, not yet in the KV cache); slot ``i + 1``
-    is tree node ``i``.
-
-    Attributes:
-        input_ids: ``LongTensor [1, N+1]``.
-        position_ids: ``LongTensor [1, N+1]``: ``past_len + depth``.
-        attention_mask: float additive ``[1, 1, N+1, past_len+N+1]`` in the model dtype
-            (``0`` = visible, dtype min = masked), or a dict of such masks by layer type
-            for models that mix full and sliding-window attention.
-        retrieve: ``LongTensor [P, D+1]`` (or ``None`` when acceptance walks the tree on the
-            host): for each root-to-leaf path, its slots
-            (``retrieve[p, 0] == 0``), right-padded with ``-1``.
-        parent_slots: ``int64 [N+1]`` (numpy): the slot of each slot's parent, ``-1`` for the root.
-    """
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor | dict[str, torch.Tensor]
-    retrieve: torch.Tensor | None
-    parent_slots: np.ndarray
-
-
-def ancestor_matrix(parents: np.ndarray) -> np.ndarray:
-    """``bool [N+1, N+1]``: ``A[i, j]`` iff slot ``j`` is slot ``i`` or one of its ancestors.
-
-    Slots are the root (0) and the nodes shifted by one. One vectorised pass per tree level.
-
-    >>> ancestor_matrix(np.array([-1, 0, -1])).astype(int).tolist()
-    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
-    """
-    n = parents.shape[0] + 1
-    parent_slot = np.concatenate([[-1], parents.astype(np.int64) + 1])  # root's children -> slot 0
-    anc = np.eye(n, dtype=bool)
-    rows = np.arange(n)
-    cur = parent_slot.copy()
-    while (live := cur >= 0).any():
-        anc[rows[live], cur[live]] = True
-        cur[live] = parent_slot[cur[live]]
-    return anc
-
-
-def leaf_paths(parents: np.ndarray) -> np.ndarray:
-    """``int64 [P, D+1]``: the slots of each root-to-leaf path, right-padded with -1.
-
-    >>> leaf_paths(np.array([-1, 0, -1])).tolist()
-    [[0, 1, 2], [0, 3, -1]]
-    """
-    n = parents.shape[0]
-    if n == 0:
-        return np.zeros((1, 1), np.int64)
-    has_child = np.zeros(n, bool)
-    has_child[parents[parents >= 0]] = True
-    leaves = np.flatnonzero(~has_child)
-    # walk up from each leaf in lock-step; column d holds the ancestor at distance d
-    columns = [leaves + 1]
-    cur = parents[leaves].astype(np.int64)
-    while (cur >= 0).any():
-        columns.append(np.where(cur >= 0, cur + 1, -1))
-        cur = np.where(cur >= 0, parents[np.maximum(cur, 0)], -1)
-    up = np.stack(columns, axis=1)  # [P, D]: leaf first
-    depth = (up >= 0).sum(axis=1)
-    out = np.full((leaves.shape[0], up.shape[1] + 1), -1, np.int64)
-    out[:, 0] = 0
-    for p in range(leaves.shape[0]):  # reverse each row's valid prefix (P is small)
-        out[p, 1 : depth[p] + 1] = up[p, : depth[p]][::-1]
-    return out
-
-
-def to_buffers(
-    tree: DraftTree,
-    root_token: int,
-    past_len: int,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
-    windows: dict[str, int | None] | None = None,
-) -> TreeBuffers:
-    """Flatten ``tree`` behind ``root_token`` into the inputs of one verification forward.
-
-    ``past_len`` is the number of tokens already in the KV cache (the root sits at
-    position ``past_len``). ``windows`` maps each attention layer type to its sliding window
-    (``None`` = full attention); with more than one type the mask is a dict by type. The
-    mask has ``dtype`` (default float32), all tensors live on ``device``.
-
-    >>> t = DraftTree.from_paths([[7, 8], [9]])
-    >>> b = to_buffers(t, root_token=3, past_len=2)
-    >>> b.input_ids.tolist(), b.position_ids.tolist()
-    ([[3, 7, 8, 9]], [[2, 3, 4, 3]])
-    >>> (b.attention_mask[0, 0] == 0).int().tolist()
-    [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1]]
-    """
-    import torch
-
-    dtype = torch.float32 if dtype is None else dtype
-    n = len(tree) + 1
-    parents = tree.parents
-    # 1) ids and positions: the root, then the nodes at past_len + depth
-    ids = np.concatenate([[root_token], tree.tokens]).astype(np.int64)
-    depth = np.concatenate([[0], tree.depths()]).astype(np.int64)
-    positions = past_len + depth
-    # 2) tree part of the mask: each slot sees itself and its ancestors
-    visible = torch.from_numpy(ancestor_matrix(parents))
-    # 3) the context part is visible to all slots, except where a sliding window ends
-    masks = {}
-    min_value = torch.finfo(dtype).min
-    pos_t = torch.from_numpy(positions)
-    for layer_type, window in (windows or {"full_attention": None}).items():
-        mask = torch.zeros(n, past_len + n, dtype=dtype)
-        mask[:, past_len:].masked_fill_(~visible, min_value)
-        if window is not None and past_len > 0:
-            # key at absolute position k is visible to a query at q iff k > q - window
-            context_pos = torch.arange(past_len)
-            too_old = context_pos[None, :] <= (pos_t[:, None] - window)
-            mask[:, :past_len].masked_fill_(too_old, min_value)
-        masks[layer_type] = mask[None, None].to(device)
-    attention_mask = next(iter(masks.values())) if len(masks) == 1 else masks
-    return TreeBuffers(
-        input_ids=torch.from_numpy(ids)[None].to(device),
-        position_ids=pos_t[None].to(device),
-        attention_mask=attention_mask,
-        retrieve=torch.from_numpy(leaf_paths(parents)).to(device),
-        parent_slots=np.concatenate([[-1], parents.astype(np.int64) + 1]),
-    )
+    return subtree(tree, np.flatnonzero(depth <= max_depth))

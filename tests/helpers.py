@@ -68,3 +68,19 @@ class FixedTreeSource:
 
     def observe(self, step):
         pass
+
+
+def plain(model, ids, **kw):
+    """Plain greedy ``generate()`` of an unpadded batch."""
+    import torch
+
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kw)
+
+
+def spec(model, ids, speculator, **kw):
+    """``retrospec.generate`` with the arguments of :func:`plain`."""
+    import torch
+
+    import retrospec
+
+    return retrospec.generate(model, ids, speculator=speculator, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kw)

@@ -13,19 +13,21 @@ import retrospec
 from conftest import BENCH, repetitive_prompt, tiny_model
 from retrospec import compat, models
 from retrospec.tools import bench, prompts
-from retrospec.drafting.budget import StepCost, measure_step_cost, write_atomic
+from retrospec.drafting.budget import StepCost, write_atomic
+from retrospec.verify.step_cost import measure_step_cost
 from retrospec.sources.registry import Datastores, make_source, recycling_for
 from retrospec.tools.demo import demo_prompts
 from retrospec.datastores.suffix_build import suffix_array
 from retrospec.datastores.corpus import ReadOptions, iter_documents
 from retrospec.datastores.files import edge_digest, file_digest, tokenizer_identity
-from retrospec.verify.cache import keep_path, new_cache
+from retrospec.verify.cache import RowCache
 from retrospec.paths import cache_dir, cache_root
 from retrospec.tools.simulate import replay
 from retrospec.sources.recycling import model_fingerprint
 from retrospec.datastores.suffix_index import bits_for, pack_bits, sa_range
-from retrospec.tree import DraftTree, prune_with_index, to_buffers
-from retrospec.verify.acceptance import forward_tree, pick_token, predictions
+from retrospec.buffers import prefill_buffers, to_buffers
+from retrospec.tree import DraftTree, prune_with_index
+from retrospec.verify.acceptance import pick_token, predictions
 
 
 def test_compat_and_models_helpers():
@@ -48,18 +50,30 @@ def test_paths_follow_the_environment(isolated_cache):
 
 
 def test_verify_and_cache_primitives():
+    """A prompt and a tree through a RowCache by hand: the tree's logits equal the logits of
+    each path fed to the model plainly, and moving the accepted slots keeps them exact."""
     model = tiny_model("llama")
     ids = repetitive_prompt(96, 12, 0)
-    cache = new_cache()
-    model(input_ids=ids, cache=cache, use_cache=True)
+    cache = RowCache(model.config, batch=1, capacity=32)
+    positions, index, mask = prefill_buffers([12], 12, key_len=12, scratch=cache.scratch)
+    cache.prepare(index, view=12)
+    model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True)
     buffers = to_buffers(DraftTree.from_paths([[5, 6], [7]]), root_token=3, past_len=12)
-    logits = forward_tree(model, cache, buffers)
-    assert logits.shape == (4, 96) and cache.get_seq_length() == 16
+    cache.prepare(buffers.cache_index, view=16)
+    logits = model(input_ids=buffers.input_ids, position_ids=buffers.position_ids, attention_mask=buffers.attention_mask,
+                   cache=cache, use_cache=True).logits[0]
+    assert logits.shape == (4, 96)
+    plain_logits = model(torch.cat([ids, torch.tensor([[3, 7]])], 1)).logits[0, -2:]
+    torch.testing.assert_close(logits[[0, 3]], plain_logits, rtol=1e-4, atol=1e-4)  # root, then node 7
     preds, top = predictions(logits, 3)
     assert preds.shape == (4,) and top.shape == (4, 3) and (top[:, 0] == preds).all()
     assert pick_token(logits[:1], ids, None, False) == int(preds[0])
-    keep_path(cache, 12, np.array([0, 3]))
-    assert cache.get_seq_length() == 14
+    cache.move(torch.tensor([[12, 15]]), torch.tensor([[12, 13]]))  # keep root and node 7
+    buffers = to_buffers(DraftTree.empty(), root_token=9, past_len=14)
+    cache.prepare(buffers.cache_index, view=15)
+    after = model(input_ids=buffers.input_ids, position_ids=buffers.position_ids, attention_mask=buffers.attention_mask,
+                  cache=cache, use_cache=True).logits[0, 0]
+    torch.testing.assert_close(after, model(torch.cat([ids, torch.tensor([[3, 7, 9]])], 1)).logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_step_cost_measurement_is_monotone_per_size():

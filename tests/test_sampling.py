@@ -8,7 +8,8 @@ import torch
 import retrospec
 from conftest import tiny_model
 from helpers import FixedTreeSource
-from retrospec.tree import DraftTree, to_buffers
+from retrospec.buffers import to_buffers
+from retrospec.tree import DraftTree
 from retrospec.verify.acceptance import accept_walk
 
 
@@ -44,20 +45,21 @@ def test_tree_sampling_is_exact_and_a_biased_rule_is_caught():
     tree = DraftTree.from_paths([[0, 3], [0, 4], [1], [2]])
     buffers = to_buffers(tree, root_token=5, past_len=0)
     slot_tokens = buffers.input_ids[0].tolist()
+    parent_slots = buffers.parent_slots[0]
     logits = torch.empty(len(slot_tokens), vocab)
     logits[0] = torch.log(torch.tensor(p1))
     for slot in range(1, len(slot_tokens)):
-        depth_one = buffers.parent_slots[slot] == 0
+        depth_one = parent_slots[slot] == 0
         logits[slot] = torch.log(torch.tensor(p2[slot_tokens[slot]])) if depth_one else 0.0
     prefix = torch.tensor([[5]])
     n = 20000
 
     def lossless():
-        return accept_walk(buffers, logits, prefix, None, do_sample=True).tokens
+        return accept_walk(np.asarray(slot_tokens), parent_slots, logits, prefix, None, do_sample=True).tokens
 
     def typical_acceptance():  # accept a drafted child the model finds "typical enough"
         probs = torch.softmax(logits[0], -1).numpy()
-        for slot in np.flatnonzero(buffers.parent_slots == 0):
+        for slot in np.flatnonzero(parent_slots == 0):
             if probs[slot_tokens[slot]] >= 0.5 * probs.max():
                 return [slot_tokens[slot], int(np.random.default_rng().choice(vocab, p=p2[slot_tokens[slot]]))]
         return lossless()
@@ -103,6 +105,43 @@ def test_end_to_end_sampling_matches_the_model():
     empirical = counts / n
     floor = noise_floor(exact.ravel(), n)
     assert tv(empirical, exact) < 3 * floor, (tv(empirical, exact), floor)
+
+
+def test_sampling_in_a_batch_keeps_each_rows_distribution():
+    """Three rows in one batch, each drafting the same fixed tree: every row's second token
+    follows the model's own next-token distribution after its first."""
+    vocab, n = 4, 1500
+    model = tiny_model("llama", vocab=vocab, seed=5)
+    model.generation_config.eos_token_id = None
+    prompts = [[1, 2, 3, 1, 2], [3, 3, 1], [2, 0, 1, 2, 0, 1, 2]]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+
+    @torch.no_grad()
+    def probs(seq):
+        return torch.softmax(model(torch.tensor([seq])).logits[0, -1].float(), -1)
+
+    exact = []
+    for p in prompts:  # joint of the first two new tokens of each row alone
+        p1 = probs(p)
+        exact.append(np.array([[float(p1[a] * probs(p + [a])[b]) for b in range(vocab)] for a in range(vocab)]))
+    tree = DraftTree.from_paths([[0, 1], [1], [2, 3], [3]])
+    speculator = retrospec.Speculator([FixedTreeSource(tree)], budget=8)
+    torch.manual_seed(1)
+    counts = np.zeros((len(prompts), vocab, vocab))
+    for _ in range(n):
+        out = retrospec.generate(model, ids, attention_mask=mask, speculator=speculator, do_sample=True, top_k=0,
+                                 max_new_tokens=2, pad_token_id=0)
+        for b in range(len(prompts)):
+            a, c = out.sequences[b, width : width + 2].tolist()
+            counts[b, a, c] += 1
+    for b in range(len(prompts)):
+        floor = noise_floor(exact[b].ravel(), n)
+        assert tv(counts[b] / n, exact[b]) < 3 * floor, (b, tv(counts[b] / n, exact[b]), floor)
 
 
 def test_seeded_sampling_is_reproducible():

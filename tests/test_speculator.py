@@ -5,7 +5,8 @@ import pytest
 
 import retrospec
 from helpers import FixedTreeSource
-from retrospec.drafting.budget import StepCost, choose_budget, step_cost_for
+from retrospec.drafting.budget import LiveCost, StepCost, choose_budget, choose_nodes, expected_tokens
+from retrospec.verify.step_cost import dynamic_cost, step_cost_for
 from retrospec.drafting.calibration import Calibrator, conditional_scores, path_scores
 from retrospec.sources.base import Verified
 from retrospec.tree import DraftTree
@@ -84,15 +85,55 @@ def test_choose_budget_flat_then_linear_cost():
         StepCost(sizes=(1,), seconds=(0.1,))
 
 
-def test_auto_budget_measures_once_and_caches(isolated_cache):
+def test_auto_budget_measures_once_and_caches(isolated_cache, monkeypatch):
     from conftest import tiny_model
 
+    from retrospec.verify import step_cost
+
+    monkeypatch.setattr(step_cost, "machine_busy", lambda: False)  # this test is about the cache,
+    monkeypatch.setattr(step_cost, "BUSY_SPREAD", float("inf"))  # not about the machine's load
     model = tiny_model("llama")
     first = step_cost_for(model)
     files = list((isolated_cache / "step_cost").glob("*.json"))
     assert len(files) == 1
     assert step_cost_for(model) == first  # read back from the cache
     assert all(s > 0 for s in first.seconds)
-    spec = retrospec.Speculator(budget="auto")
-    session = spec.start_request(np.array([1, 2, 1]), model)
-    assert session.cost == first
+    assert dynamic_cost(model).prior(1) == first  # the loop's prior, corrected live
+
+
+def test_a_cost_measured_under_load_is_not_kept(isolated_cache, monkeypatch):
+    from conftest import tiny_model
+
+    from retrospec.verify import step_cost
+
+    monkeypatch.setattr(step_cost, "machine_busy", lambda: True)
+    cost = step_cost_for(tiny_model("llama"), batch=2, max_size=4)
+    assert cost.loaded and cost.batch == 2
+    assert not list((isolated_cache / "step_cost").glob("*.json"))  # used now, never cached
+
+
+def test_the_batch_budget_shrinks_trees_as_the_step_gets_dearer():
+    rows = [np.array([0.9, 0.6, 0.3, 0.1])] * 4
+    assert expected_tokens(rows, 2) == pytest.approx(4 * 2.5)
+    cheap = lambda slots: 1.0  # noqa: E731  (a flat step: the deepest tree pays)
+    assert choose_nodes(rows, range(5), cheap) == 4
+    linear = lambda slots: 1.0 + 0.45 * (slots - 1)  # noqa: E731  (each slot costs 45% of a plain step)
+    assert choose_nodes(rows, range(5), linear) == 2  # 2.5 / 1.9 beats 1.9 / 1.45 and 2.8 / 2.35
+    steep = lambda slots: float(slots)  # noqa: E731  (a CPU at its limit: plain decoding)
+    assert choose_nodes(rows, range(5), steep) == 0
+
+
+def test_live_cost_follows_the_machine():
+    prior = StepCost(sizes=(1, 9, 17), seconds=(0.010, 0.012, 0.020))
+    live = LiveCost({1: prior}, half_life=2, fresh=8)
+    assert live(9, 1) == pytest.approx(0.012)
+    for _ in range(12):  # another process on the cores: the 9-slot step now takes 3x
+        live.observe(9, 1, 0.036)
+    assert live(9, 1) == pytest.approx(0.036, rel=0.05)
+    assert live(17, 1) == pytest.approx(0.060, rel=0.1)  # unobserved cells scale with the machine
+    for _ in range(12):  # the load went away
+        live.observe(9, 1, 0.012)
+    assert live(9, 1) == pytest.approx(0.012, rel=0.05)
+    for _ in range(20):  # cells seen long ago are stale: the prior x ratio answers again
+        live.observe(1, 1, 0.010)
+    assert live(9, 1) == pytest.approx(0.012, rel=0.1)

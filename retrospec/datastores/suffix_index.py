@@ -377,6 +377,11 @@ class SuffixIndex:
         index._maps = maps
         return index
 
+    @classmethod
+    def from_stores(cls, model=None, tokenizer=None, store: str | None = None) -> "SuffixIndex":
+        """The registry's constructor: the index directory ``store``, checked against ``tokenizer``."""
+        return cls.open(store, tokenizer=tokenizer)
+
     def release_pages(self) -> None:
         """Drop the mapped pages this process has touched (see ``MappedArray``)."""
         for m in self._maps:

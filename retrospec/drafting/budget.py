@@ -1,40 +1,35 @@
-"""How many draft nodes to verify per step, from what a step costs on this hardware.
+"""How many draft nodes each row verifies per step, from what a step costs right now.
 
-Verifying ``n`` tokens in one forward costs ``t(n)``: on a GPU ``t`` is flat up to some
-``n``, on a CPU it grows (see MODELS.md: ×1.9 at 16 tokens, ×3.6 at 64 for SmolLM2 fp32).
-Given the scores of a fused tree, sorted best first, keeping the top ``B`` nodes yields
-``1 + sum(scores[:B])`` expected tokens per step (a node's score is the probability that its
-whole path is accepted; the ``1`` is the bonus token). ``choose_budget`` picks the ``B``
-that maximises expected tokens per second, every step.
+Verifying ``B`` rows of ``n`` tokens each in one forward costs ``t(B, n)``: on a GPU ``t``
+is nearly flat in ``n`` at small ``B`` and grows with ``B × n``; on a CPU it grows with the
+tokens from the start (MODELS.md: ×1.9 at 16 tokens, ×3.6 at 64 for SmolLM2 fp32). A node's
+score is the probability that its whole path is accepted, so a row that keeps its ``k``
+best nodes commits ``1 + sum(scores[:k])`` tokens on average (the ``1`` is the bonus token).
+Rows of a batch are padded to one slot count, so each step picks the ``k`` that maximises
+the batch's expected tokens per second — smaller trees as the batch grows, down to ``0``
+(plain decoding) when speculating would not pay.
 
-``t(n)`` is measured once per model, device, dtype and thread count by
-:func:`measure_step_cost` and cached as JSON under the retrospec cache directory.
+The cost comes from a prior (:class:`StepCost`, measured on this model and device by
+:mod:`retrospec.verify.step_cost`, or by timing a static verifier's graphs) corrected by
+the step times measured while decoding (:class:`LiveCost`): a machine that gets busier,
+or a GPU shared with another process, shrinks the trees.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
-import time
-from dataclasses import asdict, dataclass
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
-import torch
-
-from retrospec.compat import accepts, cache_kwarg
-from retrospec.paths import cache_dir
-
-log = logging.getLogger(__name__)
-
-DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
 @dataclass(frozen=True)
 class StepCost:
-    """Measured seconds of one forward of ``n`` new tokens, interpolated linearly in ``n``.
+    """Measured seconds of one forward of ``n`` new tokens per row (``batch`` rows),
+    interpolated linearly in ``n`` (and extrapolated past the largest size).
 
     >>> cost = StepCost(sizes=(1, 9), seconds=(0.01, 0.02))
     >>> round(cost(5), 4), round(cost(17), 4)
@@ -45,12 +40,20 @@ class StepCost:
     seconds: tuple[float, ...]
     context: int = 0
     device: str = ""
+    batch: int = 1
+    """Rows of the measured forwards."""
+    measured_at: float = 0.0
+    """Unix time of the measurement (cached costs expire)."""
+    loaded: bool = False
+    """The machine was busy while measuring: use it, but never cache it."""
 
     def __post_init__(self) -> None:
         if len(self.sizes) != len(self.seconds) or len(self.sizes) < 2:
             raise ValueError(f"need >= 2 matching sizes and seconds, got {self.sizes}, {self.seconds}")
         if list(self.sizes) != sorted(self.sizes):
             raise ValueError(f"sizes must ascend, got {self.sizes}")
+        if not all(np.isfinite(s) and s > 0 for s in self.seconds):
+            raise ValueError(f"seconds must be positive, got {self.seconds}")
 
     def __call__(self, n: float | np.ndarray) -> np.ndarray | float:
         sizes = np.asarray(self.sizes, np.float64)
@@ -64,8 +67,110 @@ class StepCost:
         return float(out) if out.ndim == 0 else out
 
 
+class LiveCost:
+    """Step seconds ``cost(slots, batch)``: the priors, corrected by measured steps.
+
+    * A ``(batch, slots)`` cell observed within the last ``fresh`` steps of that batch
+      size answers with its own moving average (half-life ``half_life`` observations).
+    * Any other cell answers with its prior times the batch size's recent ratio of
+      measured to prior time — the machine's current speed, host work included.
+
+    Thread-safe; one per model and verifier kind, shared by every request.
+
+    >>> live = LiveCost({1: StepCost(sizes=(1, 9), seconds=(0.01, 0.02))})
+    >>> live(5, 1)
+    0.015
+    >>> for _ in range(20): live.observe(9, 1, 0.04)    # the machine got twice as slow
+    >>> round(live(9, 1), 3), round(live(1, 1), 3)       # observed cell; prior x ratio
+    (0.04, 0.02)
+    """
+
+    def __init__(self, priors: dict[int, StepCost] | None = None, *, half_life: float = 8.0, fresh: int = 64,
+                 prior_for: Callable[[int], StepCost] | None = None):
+        self.priors = dict(priors or {})
+        self.prior_for = prior_for
+        self.alpha = 1.0 - 0.5 ** (1.0 / half_life)
+        self.fresh = fresh
+        self._cells: dict[tuple[int, int], tuple[float, int]] = {}  # (batch, slots) -> (seconds, step seen)
+        self._ratio: dict[int, float] = {}
+        self._steps: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def prior(self, batch: int) -> StepCost:
+        """The prior of ``batch`` rows: its own, else measured now (``prior_for``), else the
+        nearest larger one measured (or the largest, scaled by rows)."""
+        with self._lock:
+            found = self.priors.get(batch)
+        if found is not None:
+            return found
+        if self.prior_for is not None:
+            found = self.prior_for(batch)
+            with self._lock:
+                self.priors[batch] = found
+            return found
+        if not self.priors:
+            raise ValueError("LiveCost has no prior step cost")
+        larger = [b for b in self.priors if b >= batch]
+        if larger:
+            return self.priors[min(larger)]
+        top = max(self.priors)
+        base = self.priors[top]
+        return StepCost(base.sizes, tuple(s * batch / top for s in base.seconds), base.context, base.device, batch)
+
+    def __call__(self, slots: float, batch: int = 1) -> float:
+        with self._lock:
+            cell = self._cells.get((batch, int(slots)))
+            step = self._steps.get(batch, 0)
+            ratio = self._ratio.get(batch, 1.0)
+        if cell is not None and step - cell[1] <= self.fresh:
+            return cell[0]
+        return float(self.prior(batch)(slots)) * ratio
+
+    def observe(self, slots: int, batch: int, seconds: float) -> None:
+        """Record the measured wall time of one step (host work included)."""
+        if not (np.isfinite(seconds) and seconds > 0):
+            return
+        expected = float(self.prior(batch)(slots))
+        with self._lock:
+            step = self._steps[batch] = self._steps.get(batch, 0) + 1
+            key = (batch, int(slots))
+            old = self._cells.get(key)
+            avg = seconds if old is None or step - old[1] > self.fresh else old[0] + self.alpha * (seconds - old[0])
+            self._cells[key] = (avg, step)
+            r = seconds / expected
+            old_r = self._ratio.get(batch)
+            self._ratio[batch] = r if old_r is None else old_r + self.alpha * (r - old_r)
+
+
+def expected_tokens(row_scores: Sequence[np.ndarray], nodes: int) -> float:
+    """Tokens the rows commit on average when each verifies its ``nodes`` best nodes
+    (``row_scores``: each row's path scores, best first).
+
+    >>> expected_tokens([np.array([0.9, 0.5]), np.array([0.2])], 2)   # (1 + 1.4) + (1 + 0.2)
+    3.6
+    """
+    return float(sum(1.0 + float(s[:nodes].sum()) for s in row_scores))
+
+
+def choose_nodes(row_scores: Sequence[np.ndarray], options: Sequence[int], cost: Callable[[int], float]) -> int:
+    """The tree size (nodes per row, one of ``options``) that maximises the batch's expected
+    committed tokens per second; ``cost(slots)`` is the step's seconds with ``slots``
+    (root + nodes) per row. Ties go to the smaller tree.
+
+    >>> flat = lambda slots: 1.0 if slots <= 2 else 2.0      # the 2nd node is free, the 3rd not
+    >>> choose_nodes([np.array([0.9, 0.5])], range(3), flat)
+    1
+    """
+    best, best_rate = 0, -1.0
+    for n in sorted(set(int(o) for o in options)):
+        rate = expected_tokens(row_scores, n) / cost(n + 1)
+        if rate > best_rate * (1.0 + 1e-9):
+            best, best_rate = n, rate
+    return best
+
+
 def choose_budget(scores: np.ndarray, cost: StepCost, max_budget: int) -> int:
-    """The number of top-scored nodes that maximises expected tokens per second.
+    """One row: the number of top-scored nodes that maximises expected tokens per second.
 
     ``scores`` are path scores in any order; the verified forward holds the root plus ``B``
     nodes.
@@ -77,88 +182,7 @@ def choose_budget(scores: np.ndarray, cost: StepCost, max_budget: int) -> int:
     if scores.shape[0] == 0 or max_budget <= 0:
         return 0
     best_first = np.sort(scores)[::-1][:max_budget].astype(np.float64)
-    budgets = np.arange(best_first.shape[0] + 1)
-    expected = 1.0 + np.concatenate([[0.0], np.cumsum(best_first)])
-    rate = expected / cost(budgets + 1.0)
-    return int(np.argmax(rate))
-
-
-def _fingerprint(model) -> str:
-    param = next(model.parameters())
-    n_params = sum(p.numel() for p in model.parameters())
-    key = json.dumps(
-        {
-            "class": type(model).__name__,
-            "name": str(getattr(model.config, "name_or_path", "")),
-            "params": n_params,
-            "dtype": str(param.dtype),
-            "device": str(param.device),
-            "device_name": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(),
-            "attn": str(getattr(model.config, "_attn_implementation", "")),
-            "torch": torch.__version__,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def measure_step_cost(
-    model, *, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 256, repeats: int = 5
-) -> StepCost:
-    """Time one forward of each size in ``sizes`` behind ``context`` cached tokens.
-
-    Takes the fastest of ``repeats`` runs: interference from other processes only ever
-    adds time, so the minimum is the most repeatable estimate of the model's own cost.
-    """
-    from retrospec.verify.cache import new_cache  # local: kvcache imports heavy transformers bits
-
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, context + max(sizes)), generator=gen).to(device)
-    cache = new_cache()
-    ckw = cache_kwarg(model)
-    model(input_ids=ids[:, :context], **{ckw: cache}, use_cache=True, **({"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}))
-    seconds = []
-    for n in sizes:
-        mask = torch.zeros(1, 1, n, context + n, dtype=dtype, device=device)
-        causal = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
-        mask[0, 0, :, context:].masked_fill_(causal, torch.finfo(dtype).min)
-        pos = torch.arange(context, context + n, device=device)[None]
-        times = []
-        for _ in range(repeats + 1):  # the first run warms up
-            _sync(device)
-            start = time.perf_counter()
-            model(input_ids=ids[:, context : context + n], attention_mask=mask, position_ids=pos, **{ckw: cache}, use_cache=True)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-            cache.crop(-n)
-        seconds.append(min(times[1:]))
-    return StepCost(sizes=tuple(sizes), seconds=tuple(seconds), context=context, device=str(device))
-
-
-def step_cost_for(model, *, refresh: bool = False) -> StepCost:
-    """The cached step-cost profile of ``model`` on its device, measured on first use."""
-    path = cache_dir("step_cost") / f"{_fingerprint(model)}.json"
-    if path.exists() and not refresh:
-        try:
-            data = json.loads(path.read_text())
-            return StepCost(sizes=tuple(data["sizes"]), seconds=tuple(data["seconds"]), context=data["context"], device=data["device"])
-        except (ValueError, KeyError, TypeError) as err:
-            log.warning("ignoring unreadable step-cost cache %s (%s); measuring again", path, err)
-    log.info("measuring step cost of %s on %s (once per model and device)", type(model).__name__, next(model.parameters()).device)
-    cost = measure_step_cost(model)
-    write_atomic(path, json.dumps(asdict(cost)).encode())
-    log.info("step cost: %s", ", ".join(f"{n}:{s * 1e3:.1f}ms" for n, s in zip(cost.sizes, cost.seconds)))
-    return cost
+    return choose_nodes([best_first], range(best_first.shape[0] + 1), lambda slots: float(cost(slots)))
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -1,35 +1,44 @@
 """The speculator: asks every source for a tree, calibrates, fuses and prunes.
 
-One step of drafting, as ``SpecSession.draft`` does it::
+One step of drafting for one request, as a :class:`SpecSession` does it::
 
     source trees ──► calibrate (per source) ──► fuse (longest prefix) ──► budget ──► prune
+    └──────────────────── propose() ─────────────────────────────────┘            prune()
 
-After verification, ``SpecSession.observe`` hands the outcome to every source session and
-teaches the calibrator which of each source's tested nodes were accepted.
+``propose`` and ``prune`` are separate so that a batch can choose one tree size for all of
+its rows between them (see :mod:`retrospec.drafting.budget`); ``draft`` does both for one
+row. After verification, ``observe`` hands the outcome to every source session and teaches
+the calibrator which of each source's tested nodes were accepted.
+
+Nothing here runs the target model: the step cost that ``budget="auto"`` needs is measured
+where the model is (:mod:`retrospec.verify.step_cost`) and handed in.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from retrospec.drafting.budget import StepCost, choose_budget, step_cost_for
+from retrospec.drafting.budget import choose_nodes
 from retrospec.drafting.calibration import Calibrator, conditional_scores, path_scores
-from retrospec.sources.base import Source, Verified
+from retrospec.sources.base import Source, Verified, adjusts_logits, rescores_others
 from retrospec.tree import DraftTree, cap_depth, fuse_with_index, prune_with_index
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 MAX_SOURCES = 32  # sources are bits of a uint32 mask
+UNMEASURED_BUDGET = 32
+"""Tree size of ``budget="auto"`` when no step cost was handed in (no model to measure)."""
 
 
 @dataclass(frozen=True)
 class SpeculatorConfig:
-    """Settings of :class:`Speculator` beyond its sources and budget."""
+    """Drafting settings of :class:`Speculator` beyond its sources and budget (the
+    verifier's own settings are :class:`~retrospec.VerifierConfig`)."""
 
     max_depth: int = 16
     """Deepest draft node."""
@@ -41,15 +50,6 @@ class SpeculatorConfig:
     """How fusion combines the scores of a node proposed by several sources (``noisy_or`` or ``max``)."""
     calibrate: bool = True
     """Learn each source's acceptance rates online and rescale its scores with them."""
-    verify: str = "auto"
-    """Verifier: ``dynamic`` (exact-size trees, DynamicCache), ``static`` (fixed tree slots,
-    StaticCache), ``graph`` (static + a CUDA graph), ``compile`` (graph of a torch.compile'd
-    step), or ``auto`` (graph on CUDA, else dynamic)."""
-    static_slots: int = 64
-    """Tree nodes per step of the static verifiers with ``budget="auto"`` (an int budget sets it)."""
-    profile: bool = False
-    """Synchronise the device around each verification and record per-step host and device
-    times in ``SpecStats`` (for measurements; it costs a little speed on GPUs)."""
 
     def __post_init__(self) -> None:
         if self.max_depth < 1 or self.source_nodes < 1 or self.max_budget < 1:
@@ -58,12 +58,6 @@ class SpeculatorConfig:
             )
         if self.combine not in ("noisy_or", "max"):
             raise ValueError(f"combine must be 'noisy_or' or 'max', got {self.combine!r}")
-        from retrospec.verify.verifiers import VERIFY_MODES
-
-        if self.verify not in VERIFY_MODES:
-            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
-        if self.static_slots < 1:
-            raise ValueError(f"static_slots must be >= 1, got {self.static_slots}")
 
 
 class Speculator:
@@ -74,7 +68,10 @@ class Speculator:
         budget: nodes verified per step: an ``int``, or ``"auto"`` to pick, every step, the
             size that maximises expected tokens per second under this model's measured
             step cost (see :mod:`retrospec.drafting.budget`).
-        config: the remaining knobs.
+        config: the remaining drafting knobs.
+
+    One Speculator may serve several requests at once (threads, rows of a batch): each
+    gets its own :class:`SpecSession`; what the sources learn and the calibration are shared.
 
     >>> from retrospec import ContextSource
     >>> spec = Speculator([ContextSource()], budget=8)
@@ -100,11 +97,7 @@ class Speculator:
         self.budget = budget
         self.config = config or SpeculatorConfig()
         self.calibrator = Calibrator(len(sources))
-        self._costs: dict[int, StepCost] = {}
-        from retrospec.verify.verifiers import VerifierPool  # local: it imports transformers
-
-        self.verifiers = VerifierPool()  # static verifiers (and their CUDA graphs), reused across requests
-        self.last_stats = None  # SpecStats of the latest generate() call, set by the loop
+        self.last_stats = None  # SpecStats of the latest generate() call, set by the API
 
     @property
     def source_names(self) -> list[str]:
@@ -114,61 +107,62 @@ class Speculator:
     def topk_wanted(self) -> int:
         return max((s.topk_wanted for s in self.sources), default=0)
 
-    def step_cost(self, model) -> StepCost:
-        """The step-cost profile used by ``budget="auto"`` (measured once per model)."""
-        key = id(model)
-        if key not in self._costs:
-            self._costs[key] = step_cost_for(model)
-        return self._costs[key]
+    @property
+    def max_nodes(self) -> int:
+        """The largest tree this speculator ever proposes."""
+        return min(int(self.budget), self.config.max_budget) if self.budget != AUTO else self.config.max_budget
 
-    def start_request(self, prompt: np.ndarray, model=None, documents: Sequence[str] = ()) -> "SpecSession":
+    def start_request(self, prompt: np.ndarray, model=None, documents: Sequence[str] = (), cost: Callable[[int], float] | None = None) -> "SpecSession":
         """Open a session for one request (``prompt``: ``int64 [L]``; ``documents``: texts that
-        came with it, for document sources). ``model`` is needed for ``budget="auto"``."""
-        cost = self.step_cost(model) if (self.budget == AUTO and model is not None) else None
+        came with it, for document sources). ``cost(slots)`` is the step's seconds with
+        ``slots`` per row, for ``budget="auto"`` in :meth:`SpecSession.draft`."""
         prompt = np.asarray(prompt, np.int64)
         return SpecSession(self, [s.start_request(prompt, documents) for s in self.sources], cost)
+
+
+class Proposal(NamedTuple):
+    """The fused, calibrated tree of one step before pruning.
+
+    Attributes:
+        tree: every source's nodes, merged by longest prefix.
+        best_first: the tree's path scores, sorted descending (what the budget weighs).
+    """
+
+    tree: DraftTree
+    best_first: np.ndarray
 
 
 class SpecSession:
     """One request's drafting state: the source sessions and the last step's bookkeeping."""
 
-    def __init__(self, speculator: Speculator, sessions: list, cost: StepCost | None):
+    def __init__(self, speculator: Speculator, sessions: list, cost: Callable[[int], float] | None):
         self.speculator = speculator
         self.sessions = sessions
         self.cost = cost
-        # per source: (raw conditional scores, depths, verified slot or -1) of the last draft
+        # per source: (raw conditional scores, depths, fused index) of the proposal; after
+        # prune: the verified slot of each source node (-1: not verified)
+        self._proposed: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._last: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._last_sources = np.zeros(0, np.uint32)
 
-    def _budget(self, scores: np.ndarray, max_nodes: int | None, flat_cost: bool) -> int:
-        spec = self.speculator
-        cap = spec.config.max_budget if max_nodes is None else min(max_nodes, spec.config.max_budget)
-        if spec.budget != AUTO:
-            return min(int(spec.budget), cap)
-        if flat_cost:  # a fixed-shape verifier costs the same for any tree that fits
-            return cap
-        if self.cost is None:  # no model to measure: a middle-of-the-road default
-            return min(32, cap)
-        return choose_budget(scores, self.cost, cap)
-
-    def draft(self, context: np.ndarray, max_depth: int, max_nodes: int | None = None, flat_cost: bool = False) -> DraftTree:
-        """The pruned, fused draft tree for the tokens after ``context``, at most ``max_nodes``
-        nodes (``flat_cost``: the verifier's cost does not grow with the tree)."""
+    # -- one step ------------------------------------------------------------------
+    def propose(self, context: np.ndarray, max_depth: int) -> Proposal:
+        """Every source's tree for the tokens after ``context``, calibrated and fused."""
         spec, cfg = self.speculator, self.speculator.config
         depth_cap = min(max_depth, cfg.max_depth)
         # 1) every source proposes; a scorer (a draft model) then rescores the others' trees
         proposals: list[DraftTree | None] = [None] * len(self.sessions)
+        scorers = [k for k, s in enumerate(self.sessions) if rescores_others(s)]
         for k, session in enumerate(self.sessions):
-            if not hasattr(session, "propose_with"):
+            if k not in scorers:
                 proposals[k] = cap_depth(session.propose(context, cfg.source_nodes, depth_cap), depth_cap)
-        for k, session in enumerate(self.sessions):
-            if hasattr(session, "propose_with"):
-                others = [j for j, t in enumerate(proposals) if t is not None and not hasattr(self.sessions[j], "propose_with")]
-                own, rescored = session.propose_with(context, [proposals[j] for j in others], cfg.source_nodes, depth_cap)
-                proposals[k] = cap_depth(own, depth_cap)
-                for j, tree in zip(others, rescored):
-                    proposals[j] = tree
-        # 2) calibrate each source's scores, 3) fuse, 4) budget, 5) prune
+        for k in scorers:
+            others = [j for j in range(len(self.sessions)) if j not in scorers]
+            own, rescored = self.sessions[k].propose_with(context, [proposals[j] for j in others], cfg.source_nodes, depth_cap)
+            proposals[k] = cap_depth(own, depth_cap)
+            for j, tree in zip(others, rescored):
+                proposals[j] = tree
+        # 2) calibrate each source's scores, 3) fuse
         trees, raws, depths = [], [], []
         for k, tree in enumerate(proposals):
             raw = conditional_scores(tree)
@@ -179,13 +173,41 @@ class SpecSession:
             raws.append(raw)
             depths.append(depth)
         fused, mappings = fuse_with_index(trees, cfg.combine)
-        pruned, keep = prune_with_index(fused, self._budget(fused.scores, max_nodes, flat_cost))
+        self._proposed = list(zip(raws, depths, mappings))
+        return Proposal(fused, np.sort(fused.scores)[::-1])
+
+    def prune(self, proposal: Proposal, nodes: int) -> DraftTree:
+        """The ``nodes`` best nodes of ``proposal`` (prefix-closed), the tree to verify."""
+        fused = proposal.tree
+        pruned, keep = prune_with_index(fused, max(int(nodes), 0))
         # fused node -> verified slot (node i of the pruned tree sits in slot i + 1)
         slot_of = np.full(len(fused), -1, np.int64)
         slot_of[keep] = np.arange(1, keep.shape[0] + 1)
-        self._last = [(raw, depth, slot_of[mapping]) for raw, depth, mapping in zip(raws, depths, mappings)]
+        self._last = [(raw, depth, slot_of[mapping]) for raw, depth, mapping in self._proposed]
         self._last_sources = pruned.sources
         return pruned
+
+    def skip(self) -> None:
+        """This step verifies no draft (plain decoding): nothing to calibrate after it."""
+        self._last, self._last_sources = [], np.zeros(0, np.uint32)
+
+    def draft(self, context: np.ndarray, max_depth: int, max_nodes: int | None = None, flat_cost: bool = False) -> DraftTree:
+        """:meth:`propose` then :meth:`prune` to this row's budget: at most ``max_nodes``
+        nodes (``flat_cost``: the verifier's cost does not grow with the tree, so fill it)."""
+        proposal = self.propose(context, max_depth)
+        return self.prune(proposal, self.budget_for(proposal, max_nodes, flat_cost))
+
+    def budget_for(self, proposal: Proposal, max_nodes: int | None = None, flat_cost: bool = False) -> int:
+        """One row's tree size: the int budget, or under ``budget="auto"`` the size that
+        maximises expected tokens per second at this session's step cost."""
+        spec = self.speculator
+        cap = spec.max_nodes if max_nodes is None else min(max_nodes, spec.max_nodes)
+        if spec.budget != AUTO or flat_cost:
+            return cap
+        if self.cost is None:  # no model to measure: a middle-of-the-road default
+            return min(UNMEASURED_BUDGET, cap)
+        scores = proposal.best_first[:cap]
+        return choose_nodes([scores], range(scores.shape[0] + 1), self.cost)
 
     def observe(self, step: Verified) -> None:
         """Pass the verification outcome to the sources and to the calibrator."""
@@ -203,12 +225,17 @@ class SpecSession:
             tested = on_path[step.parent_slots[slot]]  # the parent was accepted: this node was tested
             self.speculator.calibrator.learn(k, raw[verified][tested], depth[verified][tested], on_path[slot[tested]])
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a source changes the target's distribution (lossy, opt-in)."""
+        return any(adjusts_logits(s) for s in self.sessions)
+
     def adjust_logits(self, context: np.ndarray, slot_tokens: np.ndarray, parent_slots: np.ndarray, logits):
         """Let sources that change the target's distribution do so (RAPID's knowledge
         transfer: lossy, opt-in; every other source leaves the logits untouched).
         ``context`` ends with the root token (slot 0)."""
         for session in self.sessions:
-            if hasattr(session, "adjust_logits"):
+            if adjusts_logits(session):
                 logits = session.adjust_logits(context, slot_tokens, parent_slots, logits)
         return logits
 

@@ -1,10 +1,27 @@
-"""What every draft source implements.
+"""What every draft source implements: the whole contract of a source, in one place.
 
 A source answers one question — "given this context, which continuations are likely, and
-how likely?" — with a :class:`~retrospec.tree.DraftTree`. It knows nothing of the model,
-the KV cache or the other sources. State shared across requests (a corpus index, the Token
-Recycling matrix) lives on the source; state of one request lives on the session that
-``start_request`` returns, so one source can serve several requests at once.
+how likely?" — with a :class:`~retrospec.tree.DraftTree`. It knows nothing of the target
+model, its KV cache or the other sources. State shared across requests (a corpus index,
+the Token Recycling matrix) lives on the source; state of one request lives on the session
+that ``start_request`` returns, so one source can serve several requests at once (threads,
+rows of a batch).
+
+The required part is two small protocols, :class:`Source` and :class:`Session`. Two
+optional capabilities are declared on the session *class*, as transformers'
+``CandidateGenerator`` declares its own, and the speculator only calls them where declared:
+
+* ``rescores_others = True``: the session also implements ``propose_with(context, others,
+  max_nodes, max_depth) -> (own tree, others rescored)`` — it scores the other sources'
+  trees with its own probabilities (RASD, :class:`~retrospec.ModelDrafter`);
+* ``adjusts_logits = True``: the session implements ``adjust_logits(context, slot_tokens,
+  parent_slots, logits) -> logits`` and changes the target's distribution before
+  acceptance (RAPID's knowledge transfer) — **lossy**, so only opt-in configurations
+  declare it.
+
+A new source is its own module under ``retrospec/sources/`` (or ``retrospec/datastores/``
+for one that is also an on-disk format), its tests, and one line in
+:mod:`retrospec.sources.registry`.
 """
 
 from __future__ import annotations
@@ -51,6 +68,16 @@ class Session(Protocol):
     def observe(self, step: Verified) -> None:
         """Learn from a verification step (most sources need nothing here)."""
         ...
+
+
+def rescores_others(session) -> bool:
+    """Whether ``session`` declares ``propose_with`` (see the module docstring)."""
+    return bool(getattr(type(session), "rescores_others", False))
+
+
+def adjusts_logits(session) -> bool:
+    """Whether ``session`` declares ``adjust_logits`` (see the module docstring)."""
+    return bool(getattr(type(session), "adjusts_logits", False))
 
 
 @runtime_checkable

@@ -66,6 +66,11 @@ class ContextSource:
     def __init__(self, config: ContextConfig | None = None) -> None:
         self.config = config or ContextConfig()
 
+    @classmethod
+    def from_stores(cls, model=None, tokenizer=None, store=None) -> "ContextSource":
+        """The registry's constructor (see :mod:`retrospec.sources.registry`): needs nothing."""
+        return cls()
+
     def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "ContextSession":
         return ContextSession(self.config, prompt)
 

@@ -92,6 +92,11 @@ class DocumentSource:
             opened = DocumentStore.open(store)
         return cls(tokenizer, opened, config)
 
+    @classmethod
+    def from_stores(cls, model=None, tokenizer=None, store: str | None = None) -> "DocumentSource":
+        """The registry's constructor: over ``tokenizer``, retrieving from ``store`` if given."""
+        return cls.for_model(tokenizer, store=store)
+
     def documents_for(self, prompt: np.ndarray, documents: Sequence[str]) -> list[str]:
         """The request's own documents, else the top chunks the store retrieves for the prompt."""
         if documents:

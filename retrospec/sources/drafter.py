@@ -26,11 +26,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
+from retrospec.buffers import attention_mask, layer_windows, tree_layout
 from retrospec.compat import accepts, cache_kwarg
-from retrospec.verify.cache import layer_windows, new_cache
 from retrospec.sources.base import Verified
-from retrospec.tree import ROOT, DraftTree, ancestor_matrix, fuse, prune
+from retrospec.tree import ROOT, DraftTree, fuse, prune
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,21 @@ class ModelDrafter:
                 raise ValueError(f"draft model {name_or_path!r} has vocabulary {draft_vocab}, the target {target_vocab}: they must share a tokenizer")
         return cls(model, config)
 
+    @classmethod
+    def from_stores(cls, model, tokenizer=None, store: str | None = None, **options) -> "ModelDrafter":
+        """The registry's constructor: the draft model ``store`` (short name, path or hub
+        id), like ``model``; ``options`` are :class:`DrafterConfig` fields."""
+        return cls.load(store, like=model, config=DrafterConfig(**options) if options else None)
+
     def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "DrafterSession":
-        return DrafterSession(self, np.asarray(prompt, np.int64))
+        session = TransferSession if self.config.transfer > 0 else DrafterSession
+        return session(self, np.asarray(prompt, np.int64))
+
+
+def _tree_sees(parents: np.ndarray) -> np.ndarray:
+    """``bool [N+1, N+1]``: which slots (root + nodes) each slot sees (itself, its ancestors)."""
+    return tree_layout([DraftTree(np.zeros(parents.shape[0], np.int64), parents.astype(np.int32),
+                                  np.ones(parents.shape[0], np.float32), np.ones(parents.shape[0], np.uint32))], [0], [0]).sees[0]
 
 
 def rapid_view(prompt: np.ndarray, config: DrafterConfig) -> np.ndarray:
@@ -134,13 +148,16 @@ def rapid_view(prompt: np.ndarray, config: DrafterConfig) -> np.ndarray:
 class DrafterSession:
     """The drafter's cache and view of one request."""
 
+    rescores_others = True  # propose_with: RASD scores the other sources' trees
+
     def __init__(self, drafter: ModelDrafter, prompt: np.ndarray):
         self.drafter = drafter
         self.config = drafter.config
         self.model = drafter.model
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
-        self.cache = new_cache()
+        self.cache = DynamicCache()  # full-length layers: a window is the mask's job
+        self.step_positions = np.zeros(0, np.int64)  # positions of this step's tree slots in the cache
         self.prompt_len = prompt.shape[0]
         self.view = rapid_view(prompt, self.config)  # what the drafter reads instead of the prompt
         self.fed = 0  # tokens of the drafter's sequence in its cache
@@ -149,18 +166,17 @@ class DrafterSession:
         """The drafter's own sequence: its view of the prompt, then the generated tokens."""
         return np.concatenate([self.view, context[self.prompt_len :]])
 
-    def _mask(self, n_new: int, new_ancestors: np.ndarray) -> torch.Tensor | dict:
-        """Additive mask of ``n_new`` query rows: all committed tokens, plus the tree slots of
-        this step (already cached or new) marked in ``new_ancestors``. (Sliding windows are
-        not applied: a drafter's view only shapes drafts, never the output.)"""
-        total = self.fed_cache + n_new
-        visible = np.zeros((n_new, total), bool)
-        visible[:, : self.fed] = True
-        visible[:, self.fed :] = new_ancestors
-        mask = torch.zeros(n_new, total, dtype=self.dtype)
-        mask.masked_fill_(~torch.from_numpy(visible), torch.finfo(self.dtype).min)
-        mask = mask[None, None].to(self.device)
-        return mask if len(self.drafter.windows) == 1 else {t: mask for t in self.drafter.windows}
+    def _mask(self, positions: np.ndarray, new_ancestors: np.ndarray) -> torch.Tensor | dict:
+        """The tree mask (:func:`retrospec.buffers.attention_mask`) of new query rows at
+        ``positions``: all committed tokens, plus the tree slots of this step (already
+        cached or new) marked in ``new_ancestors``."""
+        n_new = positions.shape[0]
+        tree_positions = np.concatenate([self.step_positions[: self.fed_cache - self.fed], positions])
+        self.step_positions = tree_positions
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None].to(self.device)  # noqa: E731
+        fed = torch.tensor([self.fed], device=self.device)
+        return attention_mask(to(new_ancestors.astype(bool)), fed, fed, to(positions), to(tree_positions),
+                              self.fed_cache + n_new, self.drafter.windows, self.dtype)
 
     @torch.no_grad()
     def _forward(self, ids: np.ndarray, positions: np.ndarray, ancestors: np.ndarray | None, logits: bool = True) -> torch.Tensor | None:
@@ -175,7 +191,7 @@ class DrafterSession:
         out = self.model(
             input_ids=torch.from_numpy(ids)[None].to(self.device),
             position_ids=torch.from_numpy(positions)[None].to(self.device),
-            attention_mask=None if ancestors is None else self._mask(n, ancestors),
+            attention_mask=None if ancestors is None else self._mask(positions, ancestors),
             use_cache=True,
             **{cache_kwarg(self.model): self.cache},
             **keep,
@@ -207,7 +223,7 @@ class DrafterSession:
         union = fuse([DraftTree(t.tokens, t.parents, t.scores, np.ones(len(t), np.uint32)) for t in others]) if (cfg.rescore and others) else DraftTree.empty()
         ids = np.concatenate([seq[-1:], union.tokens]).astype(np.int64)
         positions = (seq.shape[0] - 1 + np.concatenate([[0], union.depths()])).astype(np.int64)
-        logp = self._forward(ids, positions, ancestor_matrix(union.parents))
+        logp = self._forward(ids, positions, _tree_sees(union.parents))
         self.fed = seq.shape[0]
         root_logp = logp[0]
         rescored = others
@@ -311,7 +327,7 @@ class DrafterSession:
         tree_parents = (parent_slots[1:] - 1).astype(np.int32)
         tree = DraftTree(slot_tokens[1:].astype(np.int64), tree_parents, np.ones(tree_parents.shape[0], np.float32), np.ones(tree_parents.shape[0], np.uint32))
         positions = (seq.shape[0] - 1 + np.concatenate([[0], tree.depths()])).astype(np.int64)
-        draft = self._forward(np.concatenate([seq[-1:], tree.tokens]).astype(np.int64), positions, ancestor_matrix(tree_parents))
+        draft = self._forward(np.concatenate([seq[-1:], tree.tokens]).astype(np.int64), positions, _tree_sees(tree_parents))
         self.fed = seq.shape[0]
         drop = self.fed_cache - self.fed  # keep the root, drop the tree
         if drop > 0:
@@ -321,3 +337,10 @@ class DrafterSession:
 
     def observe(self, step: Verified) -> None:
         """The cache catches up with committed tokens at the next step."""
+
+
+class TransferSession(DrafterSession):
+    """A drafter session with RAPID's knowledge transfer on (``DrafterConfig.transfer > 0``):
+    it declares that it changes the target's distribution — **lossy**, opt-in."""
+
+    adjusts_logits = True

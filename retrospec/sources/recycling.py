@@ -33,7 +33,7 @@ import numpy as np
 
 from retrospec.jit import njit
 from retrospec.sources.base import Verified
-from retrospec.tree import ROOT, DraftTree, path_products
+from retrospec.tree import ROOT, DraftTree, path_products, subtree
 
 FORMAT_VERSION = 1
 EMPTY = -1
@@ -121,6 +121,14 @@ class TokenRecycling:
         vocab = model.get_output_embeddings().weight.shape[0]
         return cls(vocab, k, template, fingerprint=model_fingerprint(model))
 
+    @classmethod
+    def from_stores(cls, model, tokenizer=None, store: str | None = None) -> "TokenRecycling":
+        """The registry's constructor: the matrix saved at ``store`` when it exists, else an
+        empty one for ``model``."""
+        if store and Path(store).exists():
+            return cls.load(store, model)
+        return cls.for_model(model)
+
     # -- drafting ---------------------------------------------------------------------
     def draft(self, root_token: int, max_nodes: int, max_depth: int) -> DraftTree:
         """BFS over the template from ``root_token``; nodes without a candidate are skipped
@@ -133,15 +141,9 @@ class TokenRecycling:
         keep = np.flatnonzero(alive)[:max_nodes]
         if keep.size == 0:
             return DraftTree.empty()
-        remap = np.full(n, ROOT, np.int64)
-        remap[keep] = np.arange(keep.size)
-        parents = self._parent[keep]
-        parents = np.where(parents == ROOT, ROOT, remap[np.maximum(parents, 0)]).astype(np.int32)
-        return self._tree(keep, parents, tokens[keep])
-
-    def _tree(self, keep: np.ndarray, parents: np.ndarray, tokens: np.ndarray) -> DraftTree:
-        scores = path_products(parents, self._conditional[keep])
-        return DraftTree(tokens, parents, scores, np.ones(keep.size, np.uint32)).with_monotone_scores()
+        template = DraftTree(tokens, self._parent.astype(np.int32), self._conditional, np.ones(n, np.uint32))
+        kept = subtree(template, keep)
+        return DraftTree(kept.tokens, kept.parents, path_products(kept.parents, kept.scores), kept.sources).with_monotone_scores()
 
     def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "RecyclingSession":
         return RecyclingSession(self)

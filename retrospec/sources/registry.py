@@ -1,97 +1,128 @@
 """Draft sources by name, and the default mix of the fused speculator.
 
-Names are those of the benchmark's methods: ``context``, ``suffix-index``, ``recycling``,
-``documents``, ``drafter`` (a draft model reading everything), ``rapid`` (the draft model
-reading only the parts of a long prompt most related to its end), ``rapid-transfer``
-(rapid plus RAPID's knowledge transfer with weight 0.5: **lossy**, its output differs from
-plain greedy by design). ``retrospec`` (the fused speculator) uses every source that is
-available: context and Token Recycling always, a suffix index / document store / draft
-model when one is given.
+:data:`SOURCES` is the one table of sources: one line each. A line names the module and
+class of a source, the datastore it reads (its key in :class:`Datastores` and its command
+line flag), what it needs, and whether ``retrospec`` (the fused speculator) uses it by
+default. The class builds itself with ``from_stores(model, tokenizer, store, **options)``.
+Nothing else needs to know a source by name: the bench's methods (``context+suffix-index``),
+the CLI's datastore flags and ``retrospec.<Class>`` all come from here.
+
+Names: ``context``, ``suffix-index``, ``recycling``, ``documents``, ``drafter`` (a draft
+model reading everything), ``rapid`` (the draft model reading only the parts of a long
+prompt most related to its end), ``rapid-transfer`` (rapid plus RAPID's knowledge transfer
+with weight 0.5: **lossy**, its output differs from plain greedy by design).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-
-from retrospec.sources.context import ContextSource
-from retrospec.sources.recycling import TokenRecycling
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
-SOURCE_NAMES = ("context", "suffix-index", "recycling", "documents", "drafter", "rapid", "rapid-transfer")
+
+class Entry(NamedTuple):
+    """One registered source."""
+
+    module: str
+    cls: str
+    store: str | None = None
+    """Key of its datastore in :class:`Datastores` (and the CLI flag ``--<store>``), if any."""
+    store_help: str = ""
+    needs: tuple[str, ...] = ()
+    """What it cannot be built without: ``model``, ``tokenizer``, ``store``."""
+    default: bool = False
+    """Part of :func:`default_sources` whenever what it needs is there."""
+    options: tuple[tuple[str, object], ...] = ()
+    """Keyword arguments for ``from_stores``."""
 
 
-@dataclass(frozen=True)
+SOURCES: dict[str, Entry] = {
+    "context": Entry("retrospec.sources.context", "ContextSource", default=True),
+    "recycling": Entry("retrospec.sources.recycling", "TokenRecycling", "recycling",
+                       "a saved Token Recycling matrix (.npz) to start from", needs=("model",), default=True),
+    "suffix-index": Entry("retrospec.datastores.suffix_index", "SuffixIndex", "index",
+                          "a suffix index directory (retrospec index build)", needs=("store",), default=True),
+    "documents": Entry("retrospec.sources.documents", "DocumentSource", "documents",
+                       "a document store directory (default: each request's own documents)", needs=("tokenizer",), default=True),
+    "drafter": Entry("retrospec.sources.drafter", "ModelDrafter", "drafter",
+                     "a draft model (short name, path or hub id) sharing the target's tokenizer", needs=("model", "store"), default=True),
+    "rapid": Entry("retrospec.sources.drafter", "ModelDrafter", "drafter", needs=("model", "store"),
+                   options=(("rapid_threshold", 2048),)),
+    "rapid-transfer": Entry("retrospec.sources.drafter", "ModelDrafter", "drafter", needs=("model", "store"),
+                            options=(("rapid_threshold", 2048), ("transfer", 0.5))),
+}
+
+SOURCE_NAMES = tuple(SOURCES)
+STORE_KEYS = tuple(dict.fromkeys(e.store for e in SOURCES.values() if e.store))
+
+
 class Datastores:
-    """Paths and names of the optional datastores."""
+    """Paths (or names) of the datastores the sources read, by key (see :data:`SOURCES`):
+    ``index``, ``recycling``, ``documents``, ``drafter``.
 
-    index: str | None = None
-    """A suffix index directory."""
-    recycling: str | None = None
-    """A saved Token Recycling matrix to start from."""
-    documents: str | None = None
-    """A document store directory (otherwise document sources use each request's own documents)."""
-    drafter: str | None = None
-    """A draft model (short name, path or hub id) sharing the target's tokenizer."""
+    >>> Datastores(index="runs/idx").index, Datastores().drafter
+    ('runs/idx', None)
+    """
+
+    def __init__(self, **stores: str | None):
+        unknown = set(stores) - set(STORE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown datastore {sorted(unknown)}; known: {', '.join(STORE_KEYS)}")
+        self._stores = {k: v for k, v in stores.items() if v}
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        if key not in STORE_KEYS:
+            raise AttributeError(f"no datastore {key!r}; known: {', '.join(STORE_KEYS)}")
+        return self._stores.get(key)
+
+    def __repr__(self) -> str:
+        return f"Datastores({', '.join(f'{k}={v!r}' for k, v in self._stores.items())})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Datastores) and self._stores == other._stores
 
 
-def recycling_for(model, path: str | None = None) -> TokenRecycling:
+def source_class(name: str):
+    """The class of the registered source ``name``."""
+    entry = SOURCES[name]
+    return getattr(importlib.import_module(entry.module), entry.cls)
+
+
+def recycling_for(model, path: str | None = None):
     """A Token Recycling source for ``model``: loaded from ``path`` when it exists, else empty."""
-    if path and Path(path).exists():
-        log.info("recycling: starting from %s", path)
-        return TokenRecycling.load(path, model)
-    return TokenRecycling.for_model(model)
+    return source_class("recycling").from_stores(model, None, path)
 
 
-def make_source(name: str, model, tokenizer, stores: Datastores = Datastores()):
-    """A fresh source by name (see ``SOURCE_NAMES``)."""
-    if name == "context":
-        return ContextSource()
-    if name == "recycling":
-        if model is None:
-            raise ValueError("the recycling source needs the model")
-        return recycling_for(model, stores.recycling)
-    if name == "suffix-index":
-        if not stores.index:
-            raise ValueError("the suffix-index source needs an index directory (--index DIR)")
-        from retrospec.datastores.suffix_index import SuffixIndex
-
-        return SuffixIndex.open(stores.index, tokenizer=tokenizer)
-    if name == "documents":
-        from retrospec.sources.documents import DocumentSource
-
-        return DocumentSource.for_model(tokenizer, store=stores.documents)
-    if name in ("drafter", "rapid", "rapid-transfer"):
-        if not stores.drafter:
-            raise ValueError(f"the {name} source needs a draft model (--drafter NAME)")
-        from retrospec.sources.drafter import DrafterConfig, ModelDrafter
-
-        # rapid: the drafter reads only the chunks of a long prompt most related to its end;
-        # rapid-transfer also shifts the target toward the drafter (LOSSY, see DrafterConfig.transfer)
-        config = {
-            "drafter": None,
-            "rapid": DrafterConfig(rapid_threshold=2048),
-            "rapid-transfer": DrafterConfig(rapid_threshold=2048, transfer=0.5),
-        }[name]
-        drafter = ModelDrafter.load(stores.drafter, like=model, config=config)
-        drafter.name = name
-        return drafter
-    raise ValueError(f"unknown source {name!r}; known: {', '.join(SOURCE_NAMES)}")
+def make_source(name: str, model, tokenizer, stores: Datastores | None = None):
+    """A fresh source by name (see :data:`SOURCES`)."""
+    entry = SOURCES.get(name)
+    if entry is None:
+        raise ValueError(f"unknown source {name!r}; known: {', '.join(SOURCE_NAMES)}")
+    store = getattr(stores or Datastores(), entry.store) if entry.store else None
+    if "model" in entry.needs and model is None:
+        raise ValueError(f"the {name} source needs the model")
+    if "tokenizer" in entry.needs and tokenizer is None:
+        raise ValueError(f"the {name} source needs the model's tokenizer")
+    if "store" in entry.needs and not store:
+        raise ValueError(f"the {name} source needs {entry.store_help or 'a datastore'} (--{entry.store})")
+    source = source_class(name).from_stores(model, tokenizer, store, **dict(entry.options))
+    source.name = name
+    return source
 
 
-def default_sources(model=None, tokenizer=None, stores: Datastores = Datastores()) -> list:
-    """Context + Token Recycling (given the model) + documents (given the tokenizer), plus
-    every datastore ``stores`` names."""
-    names = ["context"]
-    if model is not None:
-        names.append("recycling")
-    if stores.index:
-        names.append("suffix-index")
-    if tokenizer is not None:
-        names.append("documents")  # drafts only when a request brings documents (or a store is given)
-    if stores.drafter:
-        names.append("drafter")
+def default_sources(model=None, tokenizer=None, stores: Datastores | None = None) -> list:
+    """Every default source whose needs are met: context, Token Recycling (given the
+    model), the documents source (given the tokenizer; it drafts only when a request
+    brings documents or a store is given), and each source whose datastore ``stores`` names."""
+    stores = stores or Datastores()
+    have = {"model": model is not None, "tokenizer": tokenizer is not None}
+    names = []
+    for name, entry in SOURCES.items():
+        met = all(have.get(need, bool(entry.store and getattr(stores, entry.store))) for need in entry.needs)
+        if entry.default and met:
+            names.append(name)
     return [make_source(n, model, tokenizer, stores) for n in names]
-

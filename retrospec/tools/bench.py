@@ -26,9 +26,12 @@ import transformers
 from tqdm.auto import tqdm
 
 import retrospec
+from retrospec.compat import pad_token_id
 from retrospec.tools.prompts import PromptRecord, load_prompts, render
+from retrospec.buffers import layer_windows
 from retrospec.drafting.speculator import AUTO, Speculator
-from retrospec.verify.verifiers import VerifierPool, cache_bucket
+from retrospec.verify.step_cost import dynamic_cost
+from retrospec.verify.verifiers import VerifierConfig, cache_bucket
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ class PlainMethod(Method):
     def _generate(self, ids, record, max_new_tokens):
         out = self.model.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **self.kwargs,
+            pad_token_id=pad_token_id(self.tokenizer), **self.kwargs,
         )
         return _new_tokens(out, ids.shape[1]), None
 
@@ -126,16 +129,16 @@ class PlainMethod(Method):
 class SpecMethod(Method):
     """``retrospec.generate`` with one Speculator kept for the whole run (it learns online)."""
 
-    def __init__(self, name, model, tokenizer, speculator: Speculator, use_documents: bool = False):
+    def __init__(self, name, model, tokenizer, speculator: Speculator, verifier: VerifierConfig, use_documents: bool = False):
         super().__init__(name, model, tokenizer)
-        self.speculator = speculator
+        self.speculator, self.verifier = speculator, verifier
         self.use_documents = use_documents
 
     def _generate(self, ids, record, max_new_tokens):
         out = retrospec.generate(
             self.model, ids, speculator=self.speculator, attention_mask=torch.ones_like(ids), do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            documents=list(record.passages) if self.use_documents else None,
+            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(self.tokenizer),
+            documents=list(record.passages) if self.use_documents else None, verifier=self.verifier,
         )
         return _new_tokens(out.sequences, ids.shape[1]), out.stats
 
@@ -162,8 +165,15 @@ class BenchOptions:
     warmup: int = 1
     verify: str = "auto"
     profile: bool = False
+    remeasure: bool = False
+    """Measure the step cost again instead of reading the cached one."""
     slots: int = 64
     """Tree nodes per step of the static verifiers with ``budget="auto"``."""
+    limit: int | None = None
+    """Keep only the first this many prompts (after ``per_category``)."""
+    batch_sizes: tuple[int, ...] = ()
+    """Batch sizes to measure throughput at (see :mod:`retrospec.tools.batch_bench`); empty:
+    one prompt at a time, turn by turn."""
     command: str = ""
 
 
@@ -229,10 +239,8 @@ def _pld(name, model, tokenizer, options):
     return PlainMethod(name, model, tokenizer, prompt_lookup_num_tokens=10)
 
 
-def _config(options: BenchOptions):
-    from retrospec.drafting.speculator import SpeculatorConfig
-
-    return SpeculatorConfig(verify=options.verify, profile=options.profile, static_slots=options.slots)
+def _verifier(options: BenchOptions) -> VerifierConfig:
+    return VerifierConfig(mode=options.verify, profile=options.profile, slots=options.slots)
 
 
 def _stores(options: BenchOptions):
@@ -246,7 +254,7 @@ def _retrospec(name, model, tokenizer, options):
     from retrospec.sources.registry import default_sources
 
     sources = default_sources(model, tokenizer, _stores(options))
-    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=_budget(options), config=_config(options)), use_documents=True)
+    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=_budget(options)), _verifier(options), use_documents=True)
 
 
 def _sources_method(name, model, tokenizer, options):
@@ -259,7 +267,7 @@ def _sources_method(name, model, tokenizer, options):
     budget = _budget(options)
     if names == ["recycling"] and budget == "auto":
         budget = len(sources[0].template)
-    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=budget, config=_config(options)), use_documents="documents" in names)
+    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=budget), _verifier(options), use_documents="documents" in names)
 
 
 def split_budget(name: str) -> tuple[str, str | None]:
@@ -357,6 +365,8 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
     """Run the benchmark and write ``results.json``, ``report.md``, ``speedup.png``,
     ``details.json`` (per-method timings and attribution) and ``outputs.jsonl`` under
     ``options.out``. ``model``/``tokenizer`` may be passed in."""
+    if options.batch_sizes:
+        raise ValueError("batch sizes are measured by run_batch_bench (retrospec.tools.batch_bench)")
     if REFERENCE not in options.methods:
         raise ValueError(f"methods must include {REFERENCE!r}: it is the reference for speedup and identity")
     for name in options.methods:
@@ -364,16 +374,14 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
     torch.set_num_threads(options.threads)
     if model is None:
         model, tokenizer = retrospec.load_model(options.model, options.dtype, device=options.device)
-    records = load_prompts(options.data, options.per_category, list(options.categories) or None)
+    records = load_prompts(options.data, options.per_category, list(options.categories) or None)[: options.limit]
     methods = [build_method(name, model, tokenizer, options) for name in options.methods]
-    # one pool of static verifiers for all methods: each (cache bucket, slots) shape is
-    # captured and compiled once per run, not once per method
-    shared = VerifierPool()
-    for m in methods:
-        if isinstance(m, SpecMethod):
-            m.speculator.verifiers = shared
-            if m.speculator.budget == AUTO:
-                m.speculator.step_cost(model)  # measured once per model and device: not inside a timed run
+    # static verifiers (and their graphs) are kept per model, so every shape is captured once
+    # per run, not once per method; the dynamic verifier's step cost is measured here, not
+    # inside a timed run
+    if any(isinstance(m, SpecMethod) and m.speculator.budget == AUTO for m in methods):
+        if _verifier(options).resolved(model, layer_windows(model.config)) == "dynamic":
+            dynamic_cost(model, refresh=options.remeasure).prior(1)
     result = BenchResult(model=options.model, dtype=options.dtype)
     for m in methods:
         result.tallies[m.name] = {}

@@ -54,29 +54,59 @@ def cmd_models(args) -> int:
 
 
 # ----------------------------------------------------------------------------- generate
+def _stores(args):
+    from retrospec.sources.registry import STORE_KEYS, Datastores
+
+    return Datastores(**{key: getattr(args, key, None) for key in STORE_KEYS})
+
+
+def _verifier(args):
+    from retrospec.verify.verifiers import VerifierConfig
+
+    return VerifierConfig(mode=getattr(args, "verify", "auto"), slots=getattr(args, "slots", 64))
+
+
 def cmd_generate(args) -> int:
+    import torch
+
+    import retrospec
+    from retrospec.sources.registry import default_sources
+
+    torch.set_num_threads(args.threads)
+    given = [x for x in (args.prompt, args.file, args.prompts) if x is not None]
+    if len(given) != 1:
+        raise SystemExit("give exactly one of --prompt TEXT, --file PATH or --prompts FILE.jsonl")
+    model, tokenizer = retrospec.load_model(args.model, args.dtype)
+    if args.remeasure:
+        from retrospec.verify.step_cost import forget_costs
+
+        forget_costs(model)
+    speculator = retrospec.Speculator(
+        default_sources(model, tokenizer, _stores(args)),
+        budget=args.budget if args.budget == "auto" else int(args.budget),
+    )
+    code = _generate_list(args, model, tokenizer, speculator) if args.prompts else _generate_one(args, model, tokenizer, speculator)
+    if args.recycling:  # keep what Token Recycling learned for the next run
+        for source in speculator.sources:
+            if isinstance(source, retrospec.TokenRecycling):
+                source.save(args.recycling)
+    return code
+
+
+def _generate_one(args, model, tokenizer, speculator) -> int:
     import torch
     from transformers import TextStreamer
 
     import retrospec
-    from retrospec.sources.registry import Datastores, default_sources
+    from retrospec.compat import pad_token_id
     from retrospec.tools.prompts import render
 
-    torch.set_num_threads(args.threads)
-    if (args.prompt is None) == (args.file is None):
-        raise SystemExit("give exactly one of --prompt TEXT or --file PATH")
     text = args.prompt if args.prompt is not None else open(args.file, encoding="utf-8").read()
-    model, tokenizer = retrospec.load_model(args.model, args.dtype)
     ids = render(tokenizer, [{"role": "user", "content": text}], raw=args.raw)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    common = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad)
-    speculator = retrospec.Speculator(
-        default_sources(model, tokenizer, Datastores(index=args.index, recycling=args.recycling)),
-        budget=args.budget if args.budget == "auto" else int(args.budget),
-    )
+    common = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad_token_id(tokenizer))
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
     start = time.perf_counter()
-    out = retrospec.generate(model, ids, speculator=speculator, streamer=streamer, **common)
+    out = retrospec.generate(model, ids, speculator=speculator, streamer=streamer, verifier=_verifier(args), **common)
     spec_s = time.perf_counter() - start
     new = out.sequences[0, ids.shape[1] :]
     if not args.stream:
@@ -84,7 +114,7 @@ def cmd_generate(args) -> int:
     stats = out.stats
     n = int(new.shape[0])
     summary = f"\n{n} tokens, MAT {stats.mean_accepted:.2f}, {n / spec_s:.1f} tok/s"
-    if args.compare:
+    if args.compare is not False:
         start = time.perf_counter()
         reference = model.generate(ids, **common)
         plain_s = time.perf_counter() - start
@@ -94,10 +124,52 @@ def cmd_generate(args) -> int:
             f"identical: {'yes' if torch.equal(reference, out.sequences) else 'NO'}"
         )
     print(summary)
-    if args.recycling:  # keep what Token Recycling learned for the next run
-        for source in speculator.sources:
-            if isinstance(source, retrospec.TokenRecycling):
-                source.save(args.recycling)
+    if args.json:
+        print(json.dumps(stats.as_dict()))
+    return 0
+
+
+def _generate_list(args, model, tokenizer, speculator) -> int:
+    """``--prompts FILE``: every record, ``--batch-size`` rows at a time, finished rows
+    refilled from the rest (continuous batching); outputs in order to ``--out``."""
+    from pathlib import Path
+
+    import torch
+
+    import retrospec
+    from retrospec.compat import pad_token_id
+    from retrospec.tools.prompts import load_prompts, render
+
+    records = load_prompts(args.prompts)
+    prompts = [render(tokenizer, [{"role": "user", "content": r.turns[0]}], raw=r.raw)[0].tolist() for r in records]
+    pad = pad_token_id(tokenizer)
+    start = time.perf_counter()
+    outputs, stats = retrospec.generate_many(model, prompts, speculator=speculator, batch_size=args.batch_size, verifier=_verifier(args),
+                                             do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o) for o in outputs)
+    summary = f"{len(records)} prompts, {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tok/s), MAT {stats.mean_accepted:.2f}, batch {args.batch_size}"
+    if args.compare:  # plain batched greedy on the same prompts, chunk by chunk
+        start, same = time.perf_counter(), 0
+        for i in range(0, len(prompts), args.batch_size):
+            chunk = prompts[i : i + args.batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad)
+            mask = torch.zeros_like(ids)
+            for b, p in enumerate(chunk):
+                ids[b, width - len(p) :], mask[b, width - len(p) :] = torch.tensor(p), 1
+            ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad)
+            for b, out in enumerate(outputs[i : i + args.batch_size]):
+                same += ref[b, width : width + len(out)].tolist() == out
+        plain_s = time.perf_counter() - start
+        summary += f"; plain batched greedy {tokens / plain_s:.1f} tok/s → {plain_s / seconds:.2f}×, identical {same}/{len(outputs)}"
+    if args.out:
+        from retrospec.datastores.files import write_atomic
+
+        lines = [json.dumps({"id": r.id, "output": tokenizer.decode(o, skip_special_tokens=True), "tokens": o}) for r, o in zip(records, outputs)]
+        write_atomic(Path(args.out), ("\n".join(lines) + "\n").encode())
+        summary += f"; outputs: {args.out}"
+    print(summary)
     if args.json:
         print(json.dumps(stats.as_dict()))
     return 0
@@ -112,9 +184,12 @@ def cmd_bench(args) -> int:
         dtype=args.dtype, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), out=args.out,
         budget=args.budget, threads=args.threads, device=args.device, index=args.index, drafter=args.drafter,
         documents=args.documents, recycling=args.recycling,
-        categories=tuple(c for c in (args.categories or "").split(",") if c), warmup=args.warmup, verify=args.verify, profile=args.profile, slots=args.slots,
+        categories=tuple(c for c in (args.categories or "").split(",") if c), warmup=args.warmup, verify=args.verify, profile=args.profile,
+        slots=args.slots, remeasure=args.remeasure, limit=args.limit, batch_sizes=tuple(int(b) for b in (args.batch_size or "").split(",") if b),
         command="retrospec " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
+    if options.batch_sizes:
+        return _bench_batches(options)
     result = run_bench(options)
     doc = result.to_json()
     rows = [[name, m["overall"]["mat"], m["overall"]["tok_s"], f"{m['overall']['speedup']:.2f}×", f"{m['overall']['identical']}/{m['overall']['n']}"] for name, m in doc["methods"].items()]
@@ -123,11 +198,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _bench_batches(options) -> int:
+    import torch
+
+    import retrospec
+    from retrospec.tools.batch_bench import run_batch_bench
+
+    if not any(m in ("greedy", "greedy-static") for m in options.methods):
+        raise ValueError("batch sizes need a plain reference method: greedy or greedy-static")
+    torch.set_num_threads(options.threads)
+    model, tokenizer = retrospec.load_model(options.model, options.dtype, device=options.device)
+    doc = run_batch_bench(options, model, tokenizer)
+    rows = [[batch, name, row.get("tok_s", 0.0), row.get("mat", 0.0), row.get("mean_tree", 0.0), f"{row.get('identical', 0)}/{row.get('n', 0)}"]
+            for batch, cells in doc["batch_sizes"].items() for name, row in cells.items()]
+    print(format_table(["batch", "method", "tok/s", "MAT", "mean tree", "identical"], rows))
+    print(f"\nreport: {options.out}/batch.md")
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from retrospec.tools.demo import run_demo
 
-    rows = run_demo(args.model, args.dtype, args.max_new_tokens, args.threads, args.budget if args.budget == "auto" else int(args.budget))
+    rows = run_demo(args.model, args.dtype, args.max_new_tokens, args.threads, args.budget if args.budget == "auto" else int(args.budget),
+                    remeasure=args.remeasure)
     for row in rows:
         print(f"\n=== {row.kind} ===\n{row.text.strip()}")
     print()
@@ -169,6 +263,18 @@ def _add_model_args(p, dtype="float32") -> None:
     p.add_argument("--dtype", default=dtype, help="float32, bfloat16 or float16 (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--budget", default="auto", help="draft nodes verified per step: an integer or 'auto' (default: %(default)s)")
+    p.add_argument("--remeasure", action="store_true", help="measure this machine's step cost again instead of reading the cached one")
+
+
+def _add_store_args(p, keys=None) -> None:
+    """One flag per datastore a registered source reads (retrospec.sources.registry)."""
+    from retrospec.sources.registry import SOURCES
+
+    seen = set()
+    for entry in SOURCES.values():
+        if entry.store and entry.store not in seen and (keys is None or entry.store in keys):
+            seen.add(entry.store)
+            p.add_argument(f"--{entry.store}", help=entry.store_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,12 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--prompt", help="the user message")
     p.add_argument("--file", help="read the user message from a file")
+    p.add_argument("--prompts", help="a JSONL file of prompts (Spec-Bench turns, HumanEval prompt, or {\"prompt\": ...}), decoded --batch-size at a time")
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded at once with --prompts; finished rows are refilled (default: %(default)s)")
+    p.add_argument("--out", help="with --prompts: write the outputs as JSONL here")
+    p.add_argument("--verify", default="auto", choices=["auto", "dynamic", "static", "graph", "compile"], help="the verifier (default: graph on GPUs, dynamic on CPUs)")
     p.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--stream", action="store_true", help="print tokens as they are committed")
-    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True, help="also run plain greedy and compare speed and output (default: on)")
-    p.add_argument("--index", help="a suffix index directory to draft from")
-    p.add_argument("--recycling", help="a Token Recycling matrix (.npz) to start from (if it exists) and to save to")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run plain greedy and compare speed and output (default: on for one prompt, off for --prompts)")
+    _add_store_args(p, {"index", "recycling", "documents", "drafter"})
     p.add_argument("--json", action="store_true", help="print the statistics as JSON too")
     p.set_defaults(func=cmd_generate)
 
@@ -201,15 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="../shared/bench/specbench/question.jsonl", help="JSONL prompts: Spec-Bench (turns) or HumanEval (task_id + prompt) (default: %(default)s)")
     p.add_argument("--per-category", type=int, default=5, help="prompts per category (default: %(default)s)")
     p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
+    p.add_argument("--limit", type=int, help="keep only the first N prompts (after --per-category)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--methods", default="greedy,pld,retrospec", help="comma-separated: greedy, greedy-static, pld, assistant, retrospec, or sources joined by '+' "
                    "(context, suffix-index, recycling, documents, drafter); NAME@N gives a method its own budget (default: %(default)s)")
     p.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--index", help="suffix index directory (methods suffix-index and retrospec)")
-    p.add_argument("--drafter", help="draft model short name or path (methods drafter and retrospec)")
-    p.add_argument("--documents", help="document store directory (method documents); default: the records' own passages")
-    p.add_argument("--recycling", help="a saved Token Recycling matrix (.npz) to start from")
+    _add_store_args(p)
+    p.add_argument("--batch-size", help="comma-separated batch sizes: throughput per batch size (the first turn of each prompt), "
+                   "plain batched greedy against retrospec with every method in one process")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default: %(default)s)")
     p.add_argument("--verify", default="auto", choices=["auto", "dynamic", "static", "graph", "compile"],
                    help="verifier: graph (CUDA graph, the default on GPUs), static, dynamic (the default on CPUs)")

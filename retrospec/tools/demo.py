@@ -16,6 +16,7 @@ from importlib import resources
 import torch
 
 import retrospec
+from retrospec.compat import pad_token_id
 from retrospec.sources.registry import default_sources
 from retrospec.models import DEFAULT_MODEL
 from retrospec.tools.prompts import PromptRecord, load_prompts, render
@@ -50,12 +51,18 @@ def run_demo(
     max_new_tokens: int = 160,
     threads: int = 2,
     budget: str | int = "auto",
+    remeasure: bool = False,
 ) -> list[DemoRow]:
-    """Run every bundled prompt plain and with retrospec; return one row per prompt."""
+    """Run every bundled prompt plain and with retrospec; return one row per prompt
+    (``remeasure``: measure the step cost again instead of reading the cached one)."""
     torch.set_num_threads(threads)
     model, tokenizer = retrospec.load_model(model_name, dtype)
+    if remeasure:
+        from retrospec.verify.step_cost import forget_costs
+
+        forget_costs(model)
     speculator = retrospec.Speculator(default_sources(model, tokenizer), budget=budget)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     records = demo_prompts()
 
     def plain(ids):

@@ -1,4 +1,4 @@
-"""Verification: one forward over the flattened tree, then acceptance.
+"""Acceptance: which drafted tokens a verified tree commits, row by row.
 
 Greedy acceptance follows, from the root, the child whose token is the argmax of its
 parent's logits, and adds the argmax after the last accepted node as a bonus token — the
@@ -16,13 +16,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from retrospec.compat import cache_kwarg
 from retrospec.jit import njit
-from retrospec.tree import TreeBuffers
 
 
 class Acceptance(NamedTuple):
-    """The outcome of one verification.
+    """The outcome of one row's verification.
 
     Attributes:
         slots: ``int64 [A]`` accepted slots, starting with the root slot 0.
@@ -33,98 +31,73 @@ class Acceptance(NamedTuple):
     tokens: list[int]
 
 
-def forward_tree(model, cache, buffers: TreeBuffers) -> torch.Tensor:
-    """Logits ``[N+1, V]`` of every slot; appends the slots to ``cache``."""
-    out = model(
-        input_ids=buffers.input_ids,
-        attention_mask=buffers.attention_mask,
-        position_ids=buffers.position_ids,
-        use_cache=True,
-        **{cache_kwarg(model): cache},
-    )
-    return out.logits[0]
-
-
-def accept_greedy(buffers: TreeBuffers, logits: torch.Tensor) -> Acceptance:
-    """Longest root-to-node path whose every token is its parent's argmax, plus the bonus.
-
-    Vectorised over the paths table: one device-to-host transfer.
-
-    >>> from retrospec.tree import DraftTree, to_buffers
-    >>> b = to_buffers(DraftTree.from_paths([[5, 6], [7]]), root_token=1, past_len=0)
-    >>> logits = torch.zeros(4, 10); logits[0, 5] = logits[1, 9] = logits[2, 0] = logits[3, 0] = 1
-    >>> accept_greedy(b, logits)   # root -> 5 accepted, then the model says 9, not 6
-    Acceptance(slots=array([0, 1]), tokens=[5, 9])
-    """
-    preds = logits.argmax(dim=-1)  # [N+1]
-    paths = buffers.retrieve  # [P, D+1]
-    valid = paths >= 0
-    safe = paths.clamp(min=0)
-    candidates = buffers.input_ids[0][safe]
-    predicted = preds[safe]
-    # path p accepts its step d iff its slot d+1 carries the prediction at slot d
-    match = (candidates[:, 1:] == predicted[:, :-1]) & valid[:, 1:]
-    lengths = match.long().cumprod(dim=1).sum(dim=1)
-    best = int(lengths.argmax())
-    depth = int(lengths[best])
-    slots = paths[best, : depth + 1]
-    result = torch.cat([candidates[best, 1 : depth + 1], preds[slots[-1]].reshape(1)]).tolist()
-    return Acceptance(slots.cpu().numpy(), result)
-
-
 def predictions(logits: torch.Tensor, topk: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-    """Each slot's argmax (and its top-k, when a source wants them), in one device-to-host copy."""
+    """Each slot's argmax (and its top-k, when a source wants them), in one device-to-host
+    copy: ``logits [..., V]`` -> ``int64 [...]`` and ``int64 [..., k]`` (or ``None``)."""
     preds = logits.argmax(dim=-1, keepdim=True)
     if topk:
-        both = torch.cat([preds, logits.topk(topk, dim=-1).indices], dim=1).cpu().numpy()
-        return both[:, 0], both[:, 1:]
-    return preds[:, 0].cpu().numpy(), None
+        both = torch.cat([preds, logits.topk(topk, dim=-1).indices], dim=-1).cpu().numpy()
+        return both[..., 0], both[..., 1:]
+    return preds[..., 0].cpu().numpy(), None
 
 
 @njit()
-def _walk(slot_tokens, parent_slots, preds):
-    n = slot_tokens.shape[0]
-    path = np.empty(n, np.int64)
-    path[0], length, slot = 0, 1, 0
-    while True:
-        nxt = -1
-        for child in range(slot + 1, n):  # children come after their parent
-            if parent_slots[child] == slot and slot_tokens[child] == preds[slot]:
-                nxt = child
+def _walk(slot_tokens, parent_slots, preds, sizes, paths, lengths):
+    """Per row, the greedy path from the root (children come after their parent)."""
+    for b in range(slot_tokens.shape[0]):
+        n = sizes[b]
+        paths[b, 0], length, slot = 0, 1, 0
+        while True:
+            nxt = -1
+            for child in range(slot + 1, n):
+                if parent_slots[b, child] == slot and slot_tokens[b, child] == preds[b, slot]:
+                    nxt = child
+                    break
+            if nxt < 0:
                 break
-        if nxt < 0:
-            return path[:length]
-        path[length] = nxt
-        length += 1
-        slot = nxt
+            paths[b, length] = nxt
+            length += 1
+            slot = nxt
+        lengths[b] = length
 
 
-def accept_greedy_host(slot_tokens: np.ndarray, parent_slots: np.ndarray, preds: np.ndarray) -> Acceptance:
-    """:func:`accept_greedy` on the host, from each slot's argmax ``preds``.
+def accept_greedy(slot_tokens: np.ndarray, parent_slots: np.ndarray, preds: np.ndarray, sizes: np.ndarray | None = None) -> list[Acceptance]:
+    """Greedy acceptance of every row, from each slot's argmax ``preds`` (all ``[B, S]``;
+    ``sizes [B]``: slots in use, default all).
 
-    >>> accept_greedy_host(np.array([1, 5, 6, 7]), np.array([-1, 0, 1, 0]), np.array([5, 9, 0, 0]))
-    Acceptance(slots=array([0, 1]), tokens=[5, 9])
+    >>> accept_greedy(np.array([[1, 5, 6, 7]]), np.array([[-1, 0, 1, 0]]), np.array([[5, 9, 0, 0]]))
+    [Acceptance(slots=array([0, 1]), tokens=[5, 9])]
     """
-    slots = _walk(slot_tokens, parent_slots, preds)
-    return Acceptance(slots, slot_tokens[slots[1:]].tolist() + [int(preds[slots[-1]])])
+    batch, width = slot_tokens.shape
+    sizes = np.full(batch, width, np.int64) if sizes is None else np.asarray(sizes, np.int64)
+    paths = np.empty((batch, width), np.int64)
+    lengths = np.empty(batch, np.int64)
+    _walk(slot_tokens, parent_slots, preds, sizes, paths, lengths)
+    out = []
+    for b in range(batch):
+        slots = paths[b, : lengths[b]].copy()
+        out.append(Acceptance(slots, slot_tokens[b, slots[1:]].tolist() + [int(preds[b, slots[-1]])]))
+    return out
 
 
 def accept_walk(
-    buffers: TreeBuffers,
+    slot_tokens: np.ndarray,
+    parent_slots: np.ndarray,
     logits: torch.Tensor,
     prefix: torch.Tensor,
     logits_processor,
     do_sample: bool,
 ) -> Acceptance:
-    """Acceptance with logits processors and/or sampling, one node at a time.
+    """Acceptance of one row with logits processors and/or sampling, one node at a time.
 
-    At each node the processors see that node's own prefix (``prefix`` ends with the root
-    token; ``[1, L]``), exactly as plain ``generate()`` would show it.
+    ``slot_tokens``, ``parent_slots``: ``[S]``; ``logits``: ``[S, V]``. At each node the
+    processors see that node's own prefix (``prefix`` ends with the root token; ``[1, L]``),
+    exactly as plain ``generate()`` would show it.
     """
-    tokens = buffers.input_ids[0].tolist()
     children: dict[tuple[int, int], int] = {}
-    for slot in range(1, len(tokens)):
-        children[(int(buffers.parent_slots[slot]), tokens[slot])] = slot
+    for slot in range(1, slot_tokens.shape[0]):
+        if parent_slots[slot] >= 0:
+            children[(int(parent_slots[slot]), int(slot_tokens[slot]))] = slot
     slots = [0]
     committed: list[int] = []
     ids = prefix

@@ -1,247 +1,140 @@
-"""Verifiers: where the tree forward runs and how the KV cache follows the accepted path.
+"""Verifiers: where the tree forwards of a batch run, over one :class:`RowCache`.
 
-* :class:`DynamicVerifier` (the default on CPU): a ``DynamicCache`` whose layers keep every
-  token, trees of exactly the drafted size, masks built per step. Handles sliding-window
-  models (windows applied in the mask).
-* :class:`StaticVerifier` (the default on CUDA): a ``StaticCache`` of fixed length and a
-  fixed number of tree slots (smaller trees are padded), all buffers preallocated on the
-  device, so that one verification — moving the previous step's accepted slots into place,
-  then the forward — is a fixed-shape computation, captured once as a CUDA graph and
-  replayed every step (``graph``), optionally compiled first (``compile``). That removes
-  the per-kernel launch cost that otherwise bounds a small model's step on a GPU.
+* :class:`DynamicVerifier` (the default on CPU): exact-size inputs every step — as many
+  slots as the largest tree of the step, keys up to the longest row — eager forwards.
+* :class:`StaticVerifier` (the default on CUDA): fixed shapes — a batch bucket of rows, a
+  few slot counts, a fixed cache capacity — so that one verification (moving the last
+  step's accepted slots into place, laying out the mask, the forward, argmax and top-k)
+  is captured once per slot count as a CUDA graph and replayed every step (``graph``),
+  optionally compiled first (``compile``). That removes the per-kernel launch cost that
+  otherwise bounds a small model's step on a GPU. Rows beyond the live ones are padding.
 
-Both expose the same three calls to the loop: ``start`` (prefill), ``verify`` (one tree
-forward) and ``keep`` (compact the cache to the accepted path). Static verifiers are costly
-to build (a CUDA graph capture, a compile), so a :class:`VerifierPool` keeps them across
-requests and lends each to one request at a time.
+Both take their inputs from :mod:`retrospec.buffers` (the one tree layout and mask) and
+expose the same calls to the loop: ``prefill`` (prompts into cache rows), ``verify`` (one
+tree forward of every row) and ``keep`` (the accepted slots of each row, moved into place
+at the start of the next forward). Static verifiers are costly to build, so a
+:class:`VerifierPool` per model keeps them across requests and lends each to one request
+at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Protocol
+import weakref
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
 
+from retrospec.buffers import TreeLayout, attention_mask, prefill_buffers, tree_layout
 from retrospec.compat import accepts, cache_kwarg
-from retrospec.jit import njit
-from retrospec.verify.cache import keep_path, new_cache
-from retrospec.tree import DraftTree, TreeBuffers, to_buffers
-from retrospec.verify.acceptance import forward_tree
+from retrospec.tree import DraftTree
+from retrospec.verify.acceptance import predictions
+from retrospec.verify.cache import RowCache
 
 log = logging.getLogger(__name__)
 
 VERIFY_MODES = ("auto", "dynamic", "static", "graph", "compile")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    """How verification runs (the verifier's own settings; drafting never sees them)."""
+
+    mode: str = "auto"
+    """``dynamic`` (exact sizes, eager), ``static`` (fixed shapes), ``graph`` (static + CUDA
+    graphs), ``compile`` (graphs of a ``torch.compile``'d step), or ``auto`` (graph on CUDA
+    for full-attention models, else dynamic)."""
+    slots: int = 64
+    """Most tree nodes per row and step of the static verifiers (an int budget lowers it)."""
+    slot_options: tuple[int, ...] = (0, 8, 32)
+    """Smaller tree sizes the static verifiers also capture (0: a plain decoding step), so
+    the budget can shrink trees as the batch grows; ``slots`` is always one of them."""
+    profile: bool = False
+    """Synchronise the device around each verification and record per-step host and device
+    times in ``SpecStats`` (for measurements; it costs a little speed on GPUs)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in VERIFY_MODES:
+            raise ValueError(f"verify mode must be one of {VERIFY_MODES}, got {self.mode!r}")
+        if self.slots < 0 or any(s < 0 for s in self.slot_options):
+            raise ValueError(f"slots and slot_options must be >= 0, got {self.slots}, {self.slot_options}")
+
+    def resolved(self, model, windows: dict[str, int | None]) -> str:
+        """The concrete mode for ``model``: ``auto`` resolved, static kinds only where every
+        layer has full attention (sliding windows are masked on the dynamic path)."""
+        full_attention = all(w is None for w in windows.values())
+        mode = self.mode
+        if mode == "auto":
+            mode = "graph" if _device(model).type == "cuda" and full_attention else "dynamic"
+        if mode != "dynamic" and not full_attention:
+            log.info("retrospec: sliding-window layers are verified with the dynamic verifier (%s asked)", mode)
+            mode = "dynamic"
+        if mode in ("graph", "compile") and _device(model).type != "cuda":
+            raise ValueError(f"verify mode {mode!r} needs the model on a CUDA device")
+        return mode
+
+    def node_options(self, cap: int) -> tuple[int, ...]:
+        """Tree sizes (nodes per row) a static verifier captures, none above ``cap``."""
+        top = min(self.slots, cap)
+        return tuple(sorted({min(s, top) for s in self.slot_options} | {top}))
+
+
+class StepOutput(NamedTuple):
+    """One verification forward: the layout that went in and what came out.
+
+    Attributes:
+        layout: the host tables of the step (:class:`~retrospec.buffers.TreeLayout`).
+        logits: ``[B, S, V]`` on the device.
+        preds: ``int64 [B, S]`` each slot's argmax on the host (when asked for, else ``None``).
+        topk: ``int64 [B, S, k]`` its top-k (when asked for, else ``None``).
+    """
+
+    layout: TreeLayout
+    logits: torch.Tensor
+    preds: np.ndarray | None
+    topk: np.ndarray | None
 
 
 class Verifier(Protocol):
-    def start(self, ids: torch.Tensor) -> torch.Tensor:
-        """Prefill the prompt ``[1, L]``; return the logits ``[1, V]`` after its last token."""
+    batch: int
+    """Cache rows."""
+    capacity: int
+    """Cache indices per row (the last is scratch)."""
+    flat: bool
+    """Fixed-shape: a step costs the same for any tree that fits its slot count."""
+    node_options: tuple[int, ...] | None
+    """Tree sizes it can verify (``None``: any)."""
+
+    def prefill(self, prompts: Sequence[np.ndarray], rows: Sequence[int]) -> torch.Tensor:
+        """Read ``prompts`` into cache ``rows``; the logits ``[len(rows), V]`` after each."""
         ...
 
-    def verify(self, tree: DraftTree, root_token: int, past_len: int) -> tuple[TreeBuffers, torch.Tensor]:
-        """One forward of root + tree behind ``past_len`` cached tokens: buffers and logits ``[N+1, V]``."""
+    def verify(self, trees: Sequence[DraftTree], roots: Sequence[int], past: np.ndarray, nodes: int, predict: bool = True,
+               topk: int = 0) -> StepOutput:
+        """One forward of every row's root + tree (``nodes`` per row at most, padded);
+        ``predict``: also each slot's argmax on the host, ``topk``: its top-k."""
         ...
 
-    def keep(self, past_len: int, slots: np.ndarray) -> None:
-        """Keep the cache entries of the accepted ``slots``."""
+    def keep(self, past: np.ndarray, accepted: Sequence[np.ndarray | None]) -> None:
+        """Each row keeps the cache entries of its ``accepted`` slots (``None``: nothing)."""
+        ...
+
+    def rows_only(self, keep: Sequence[int]) -> bool:
+        """Drop every row but ``keep`` (renumbered in order); ``False`` if it cannot."""
         ...
 
 
-def _prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
-    out = model(
-        input_ids=ids,
-        position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
-        use_cache=True,
-        **{cache_kwarg(model): cache},
-        **extra,
-    )
-    return out.logits[0, -1:]
-
-
-class DynamicVerifier:
-    """Exact-size trees over a ``DynamicCache`` (see the module docstring)."""
-
-    def __init__(self, model, windows: dict[str, int | None]):
-        self.model, self.windows = model, windows
-        self.device = next(model.parameters()).device
-        self.cache = new_cache()
-
-    def start(self, ids: torch.Tensor) -> torch.Tensor:
-        self.cache = new_cache()
-        return _prefill(self.model, ids, self.cache)
-
-    def verify(self, tree: DraftTree, root_token: int, past_len: int) -> tuple[TreeBuffers, torch.Tensor]:
-        buffers = to_buffers(tree, root_token, past_len, dtype=self.model.dtype, device=self.device, windows=self.windows)
-        return buffers, forward_tree(self.model, self.cache, buffers)
-
-    def keep(self, past_len: int, slots: np.ndarray) -> None:
-        keep_path(self.cache, past_len, slots)
-
-
-class StaticVerifier:
-    """Fixed-shape trees over a ``StaticCache``, optionally replayed as a CUDA graph.
-
-    Args:
-        model: a full-attention decoder (sliding-window models use :class:`DynamicVerifier`).
-        max_len: the cache length (prompt + new tokens + ``slots`` must fit).
-        slots: tree slots per step, root included; smaller trees are padded.
-        graph: capture the verification forward as a CUDA graph on first use.
-        compile: compile the verification step with ``torch.compile`` first (fused kernels;
-            compilation takes a while on first use).
-    """
-
-    def __init__(self, model, max_len: int, slots: int, graph: bool, compile: bool = False):
-        from transformers import StaticCache
-
-        if graph and next(model.parameters()).device.type != "cuda":
-            raise ValueError("CUDA graphs need the model on a CUDA device")
-        self.model, self.max_len, self.slots, self.use_graph = model, max_len, slots, graph
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self.ckw = cache_kwarg(model)
-        self.min = torch.finfo(self.dtype).min
-        # the static inputs the graph reads, refilled every step
-        self.ids = torch.zeros(1, slots, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(1, slots, dtype=torch.long, device=self.device)
-        self.mask = torch.full((1, 1, slots, max_len), self.min, dtype=self.dtype, device=self.device)
-        self.block = torch.zeros(slots, slots, dtype=torch.float32, device=self.device)
-        pin = self.device.type == "cuda"
-        self.host_ids = torch.zeros(1, slots, dtype=torch.long).pin_memory() if pin else torch.zeros(1, slots, dtype=torch.long)
-        self.host_pos = torch.zeros_like(self.host_ids).pin_memory() if pin else torch.zeros_like(self.host_ids)
-        self.host_block = torch.zeros(slots, slots, dtype=torch.float32).pin_memory() if pin else torch.zeros(slots, slots, dtype=torch.float32)
-        self.host_block_np = self.host_block.numpy()  # the same memory, written by numba
-        # the previous step's accepted slots, moved into place at the start of the next forward
-        self.move_src = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.move_dst = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.host_moves = torch.zeros(2, slots, dtype=torch.long).pin_memory() if pin else torch.zeros(2, slots, dtype=torch.long)
-        self.moves: tuple[int, np.ndarray] | None = None
-        self.graph = None
-        self.logits: torch.Tensor | None = None
-        self.compiled = None
-        if compile:
-            self.compiled = torch.compile(self._step, dynamic=False)
-
-    def _set_length(self, length: int) -> None:
-        # StaticCache layers write at their `cumulative_length` (a device tensor, updated in place)
-        for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", False):
-                layer.cumulative_length.fill_(length)
-
-    def start(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.shape[1] + self.slots > self.max_len:
-            raise ValueError(f"a {ids.shape[1]}-token prompt does not fit a {self.max_len}-token static cache")
-        self._set_length(0)
-        self.moves = None
-        return _prefill(self.model, ids, self.cache)
-
-    def _step(self) -> torch.Tensor:
-        """One fixed-shape step: move last step's accepted slots into place, then the forward."""
-        for layer in self.cache.layers:
-            layer.keys.index_copy_(2, self.move_dst, layer.keys.index_select(2, self.move_src))
-            layer.values.index_copy_(2, self.move_dst, layer.values.index_select(2, self.move_src))
-        out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask, use_cache=True, **{self.ckw: self.cache})
-        return out.logits[0]
-
-    def _forward(self) -> torch.Tensor:
-        return self.compiled() if self.compiled is not None else self._step()
-
-    def _capture(self, past_len: int) -> None:
-        """Warm up on a side stream, then capture one verification as a CUDA graph."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._set_length(past_len)
-                self._forward()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        self._set_length(past_len)
-        with torch.cuda.graph(graph):
-            self.logits = self._forward()
-        self.graph = graph
-        log.info("retrospec: captured the %d-slot verification as a CUDA graph (cache %d)", self.slots, self.max_len)
-
-    def verify(self, tree: DraftTree, root_token: int, past_len: int) -> tuple[TreeBuffers, torch.Tensor]:
-        n = len(tree) + 1
-        if n > self.slots:
-            raise ValueError(f"a tree of {n - 1} nodes does not fit {self.slots} slots")
-        if past_len + self.slots > self.max_len:
-            raise ValueError(f"the static cache ({self.max_len}) is full at {past_len} tokens")
-        # 1) host side: padded ids and positions, the tree block of the mask
-        parents = tree.parents
-        depth = np.concatenate([[0], tree.depths()]).astype(np.int64)
-        self.host_ids.fill_(root_token)
-        self.host_ids[0, 1:n] = torch.from_numpy(tree.tokens)
-        self.host_pos.fill_(past_len)
-        self.host_pos[0, :n] = torch.from_numpy(past_len + depth)
-        _fill_block(self.host_block_np, parents, float(self.min))  # padding slots see only themselves
-        # the slot moves of the previous step (identity moves on a scratch position pad them)
-        scratch = self.max_len - 1
-        self.host_moves.fill_(scratch)
-        if self.moves is not None:
-            prev_len, slots = self.moves
-            self.host_moves[0, : slots.shape[0]] = torch.from_numpy(prev_len + slots)
-            self.host_moves[1, : slots.shape[0]] = torch.from_numpy(prev_len + np.arange(slots.shape[0]))
-            self.moves = None
-        # 2) device side: upload (asynchronously from pinned memory) and lay out the mask
-        self.move_src.copy_(self.host_moves[0], non_blocking=True)
-        self.move_dst.copy_(self.host_moves[1], non_blocking=True)
-        self.ids.copy_(self.host_ids, non_blocking=True)
-        self.pos.copy_(self.host_pos, non_blocking=True)
-        self.block.copy_(self.host_block, non_blocking=True)  # float32 -> model dtype on the device
-        self.mask.fill_(self.min)
-        self.mask[0, 0, :, :past_len] = 0
-        self.mask[0, 0, :, past_len : past_len + self.slots] = self.block
-        # 3) the forward: replay the graph, or run eagerly
-        self._set_length(past_len)
-        if self.use_graph:
-            if self.graph is None:
-                self._capture(past_len)
-                self._set_length(past_len)
-            self.graph.replay()
-            logits = self.logits
-        else:
-            logits = self._forward()
-        buffers = TreeBuffers(
-            input_ids=self.ids[:, :n],
-            position_ids=self.pos[:, :n],
-            attention_mask=self.mask,
-            retrieve=None,  # acceptance walks the tree on the host (see verify.accept_greedy_host)
-            parent_slots=np.concatenate([[-1], parents.astype(np.int64) + 1]),
-        )
-        return buffers, logits[:n]
-
-    def keep(self, past_len: int, slots: np.ndarray) -> None:
-        # deferred: the next step moves them, inside its (graphed) forward; a contiguous
-        # accepted prefix is already in place
-        if not np.array_equal(slots, np.arange(slots.shape[0])):
-            self.moves = (past_len, slots.copy())
-
-
-@njit()
-def _fill_block(block, parents, masked):
-    """The tree part of the mask in place: slot i sees itself and its ancestors (slot 0 is
-    the root; node j sits in slot j + 1); padding slots see only themselves."""
-    block[:, :] = masked
-    for i in range(block.shape[0]):
-        block[i, i] = 0.0
-    for j in range(parents.shape[0]):
-        row = j + 1
-        block[row, 0] = 0.0
-        p = parents[j]
-        while p >= 0:
-            block[row, p + 1] = 0.0
-            p = parents[p]
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def cache_bucket(length: int) -> int:
-    """The static cache length serving a request of ``length`` tokens (prompt + new tokens +
-    tree slots): the next power of two, at least 1,024 — a few sizes serve all requests.
+    """The static cache length serving requests of ``length`` tokens (prompt + new tokens +
+    tree slots + scratch): the next power of two, at least 1,024 — a few sizes serve all.
 
     >>> cache_bucket(300), cache_bucket(1024), cache_bucket(1025)
     (1024, 1024, 2048)
@@ -249,10 +142,268 @@ def cache_bucket(length: int) -> int:
     return 1 << max(int(length - 1).bit_length(), 10)
 
 
+def batch_bucket(rows: int) -> int:
+    """The static batch size serving ``rows`` live rows.
+
+    >>> batch_bucket(1), batch_bucket(3), batch_bucket(64)
+    (1, 4, 64)
+    """
+    for size in BATCH_BUCKETS:
+        if rows <= size:
+            return size
+    raise ValueError(f"at most {BATCH_BUCKETS[-1]} rows per batch, got {rows}")
+
+
+def move_tables(past: np.ndarray, accepted: Sequence[np.ndarray | None], width: int, scratch: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``src, dst [B, width]``: per row, the cache indices of its accepted slots and where
+    they go (right behind its committed tokens); identity moves on ``scratch`` pad. ``None``
+    when every row's accepted slots are already in place (a prefix of the tree).
+
+    >>> move_tables(np.array([10, 4]), [np.array([0, 2, 3]), np.array([0, 1])], 4, 99)
+    (array([[10, 12, 13, 99],
+           [99, 99, 99, 99]]), array([[10, 11, 12, 99],
+           [99, 99, 99, 99]]))
+    """
+    src = np.full((len(accepted), width), scratch, np.int64)
+    dst = src.copy()
+    moved = False
+    for b, slots in enumerate(accepted):
+        if slots is None or np.array_equal(slots, np.arange(slots.shape[0])):
+            continue
+        n = slots.shape[0]
+        src[b, :n] = past[b] + slots
+        dst[b, :n] = past[b] + np.arange(n)
+        moved = True
+    return (src, dst) if moved else None
+
+
+def _pad_prompts(prompts: Sequence[np.ndarray], device) -> tuple[torch.Tensor, list[int]]:
+    lengths = [int(p.shape[0]) for p in prompts]
+    width = max(lengths)
+    ids = np.zeros((len(prompts), width), np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, width - p.shape[0] :] = p
+    return torch.from_numpy(ids).to(device), lengths
+
+
+class _Base:
+    """What both verifiers share: the model, its cache and prefill."""
+
+    flat = False
+    node_options: tuple[int, ...] | None = None
+
+    def __init__(self, model, windows: dict[str, int | None], batch: int, capacity: int):
+        self.model, self.windows = model, windows
+        self.device, self.dtype = _device(model), next(model.parameters()).dtype
+        self.batch, self.capacity = batch, capacity
+        self.cache = RowCache(model.config, batch, capacity)
+        self.ckw = cache_kwarg(model)
+        self.keep_one = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+        self.pending: tuple[np.ndarray, np.ndarray] | None = None  # moves not applied yet
+
+    def _flush(self) -> None:
+        if self.pending is not None:
+            src, dst = (torch.from_numpy(a).to(self.device) for a in self.pending)
+            self.cache.move(src, dst)
+            self.pending = None
+
+    def prefill(self, prompts: Sequence[np.ndarray], rows: Sequence[int]) -> torch.Tensor:
+        self._flush()
+        ids, lengths = _pad_prompts(prompts, self.device)
+        if max(lengths) + 1 > self.capacity and not self.flat:
+            self.cache.grow(2 * max(lengths) + 2)
+            self.capacity = self.cache.capacity
+        if max(lengths) + 1 > self.capacity:
+            raise ValueError(f"a {max(lengths)}-token prompt does not fit a {self.capacity}-index cache")
+        width = ids.shape[1]
+        positions, index, mask = prefill_buffers(lengths, width, key_len=width, scratch=self.cache.scratch,
+                                                 windows=self.windows, dtype=self.dtype, device=self.device)
+        every = list(rows) == list(range(self.batch))
+        self.cache.prepare(index, view=width, rows=None if every else torch.as_tensor(list(rows), device=self.device))
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{self.ckw: self.cache}, **self.keep_one)
+        return out.logits[:, -1]
+
+    def keep(self, past: np.ndarray, accepted: Sequence[np.ndarray | None]) -> None:
+        assert self.pending is None, "keep() twice without a forward in between"
+        width = max((a.shape[0] for a in accepted if a is not None), default=1)
+        self.pending = move_tables(past, accepted, self._move_width(width), self.cache.scratch)
+
+    def _move_width(self, width: int) -> int:
+        return width
+
+
+class DynamicVerifier(_Base):
+    """Exact-size inputs and eager forwards (see the module docstring)."""
+
+    def verify(self, trees, roots, past, nodes, predict=True, topk=0) -> StepOutput:
+        layout = tree_layout(trees, roots, past)
+        width = layout.input_ids.shape[1]
+        view = int(layout.past.max()) + width
+        if view + 1 > self.capacity:  # only without a known max_length: grow
+            self._flush()
+            self.cache.grow(max(2 * self.capacity, view + 1))
+            self.capacity = self.cache.capacity
+        self._flush()
+        to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        ids, positions, past_t = to(layout.input_ids), to(layout.positions), to(layout.past)
+        mask = attention_mask(to(layout.sees), past_t, past_t, positions, positions, view, self.windows, self.dtype)
+        self.cache.prepare(past_t[:, None] + torch.arange(width, device=self.device)[None], view)
+        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{self.ckw: self.cache}).logits
+        preds = top = None
+        if predict:
+            preds, top = predictions(logits, topk)
+        elif topk:
+            top = logits.topk(topk, dim=-1).indices.cpu().numpy()
+        return StepOutput(layout, logits, preds, top)
+
+    def rows_only(self, keep: Sequence[int]) -> bool:
+        self._flush()
+        self.cache.select_rows(torch.as_tensor(list(keep), device=self.device))
+        self.batch = self.cache.batch
+        return True
+
+
+class _Graph:
+    """The fixed-shape step of one slot count: static inputs, the step, its captured graph."""
+
+    def __init__(self, verifier: "StaticVerifier", slots: int):
+        v, dev = verifier, verifier.device
+        self.v, self.slots = v, slots
+        self.ids = torch.zeros(v.batch, slots, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(v.batch, slots, dtype=torch.long, device=dev)
+        self.sees = torch.zeros(v.batch, slots, slots, dtype=torch.bool, device=dev)
+        self.index = torch.zeros(v.batch, slots, dtype=torch.long, device=dev)
+        self.host = TreeLayout(*(torch.zeros(shape, dtype=dtype).pin_memory().numpy() if v.pin else np.zeros(shape, dtype)
+                                 for shape, dtype in [((v.batch, slots), np.int64), ((v.batch, slots), np.int64),
+                                                      ((v.batch, slots), np.int64), ((v.batch, slots, slots), np.bool_),
+                                                      ((v.batch,), np.int64), ((v.batch,), np.int64)]))
+        self.host_t = [torch.from_numpy(a) for a in (self.host.input_ids, self.host.positions, self.host.sees)]
+        self.out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self.graph = None
+        self.fn = torch.compile(self._step, dynamic=False) if v.compile else self._step
+
+    def _step(self):
+        v = self.v
+        v.cache.move(v.move_src, v.move_dst)
+        mask = attention_mask(self.sees, v.past, v.past, self.pos, self.pos, v.capacity, v.windows, v.dtype)
+        logits = v.model(input_ids=self.ids, position_ids=self.pos, attention_mask=mask, use_cache=True, **{v.ckw: v.cache}).logits
+        preds = logits.argmax(dim=-1)
+        top = logits.topk(v.topk, dim=-1).indices if v.topk else None
+        return logits, preds, top
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        v = self.v
+        torch.add(v.past[:, None], v.arange[: self.slots][None], out=self.index)
+        v.cache.prepare(self.index, view=v.capacity)
+        if not v.graph:
+            return self.fn()
+        if self.graph is None:
+            self.capture()
+        self.graph.replay()
+        return self.out
+
+    def capture(self) -> None:
+        """Warm up on a side stream, then capture one verification (identity moves: a
+        capture runs the step three times, and moves are not idempotent)."""
+        v = self.v
+        v.move_src.fill_(v.cache.scratch)
+        v.move_dst.fill_(v.cache.scratch)
+        stream = torch.cuda.Stream(v.device)
+        stream.wait_stream(torch.cuda.current_stream(v.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.fn()
+        torch.cuda.current_stream(v.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.out = self.fn()
+        self.graph = graph
+        log.info("retrospec: captured the %d x %d-slot verification as a CUDA graph (cache %d)", v.batch, self.slots, v.capacity)
+
+
+class StaticVerifier(_Base):
+    """Fixed shapes, optionally captured as CUDA graphs (see the module docstring).
+
+    Args:
+        batch: cache rows (a bucket; rows past the live ones are padding).
+        capacity: cache indices per row (prompt + new tokens + slots + scratch must fit).
+        node_options: tree sizes (nodes per row) it can verify, one fixed-shape step each.
+        graph: capture each step as a CUDA graph on first use; compile: ``torch.compile``
+            each step first.
+        topk: top-k next tokens computed inside the step (for Token Recycling; 0: none).
+    """
+
+    flat = True
+
+    def __init__(self, model, windows, batch: int, capacity: int, node_options: Sequence[int], *, graph: bool = False,
+                 compile: bool = False, topk: int = 0):
+        super().__init__(model, windows, batch, capacity)
+        if graph and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.graph, self.compile, self.topk = graph, compile, topk
+        self.node_options = tuple(sorted(set(int(n) for n in node_options)))
+        self.pin = self.device.type == "cuda"
+        smax = self.node_options[-1] + 1
+        self.past = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.arange = torch.arange(smax, device=self.device)
+        self.move_src = torch.full((batch, smax), capacity - 1, dtype=torch.long, device=self.device)
+        self.move_dst = self.move_src.clone()
+        self.steps = {n: _Graph(self, n + 1) for n in self.node_options}
+
+    def _move_width(self, width: int) -> int:
+        return self.node_options[-1] + 1
+
+    def warm(self) -> None:
+        """Build every step now (capture its graph, compile it) instead of on first use,
+        on an empty cache: outside any timing."""
+        for step in self.steps.values():
+            self.past.zero_()
+            step.run()
+
+    def verify(self, trees, roots, past, nodes, predict=True, topk=0) -> StepOutput:
+        if topk > self.topk:
+            raise ValueError(f"this verifier computes the top-{self.topk}, {topk} asked")
+        nodes = min(n for n in self.node_options if n >= nodes) if nodes <= self.node_options[-1] else None
+        if nodes is None:
+            raise ValueError(f"a tree of more than {self.node_options[-1]} nodes does not fit this verifier")
+        step = self.steps[nodes]
+        rows = len(trees)
+        if rows != self.batch:
+            raise ValueError(f"this verifier takes {self.batch} rows, got {rows}")
+        width = step.slots
+        if int(np.max(past)) + width + 1 > self.capacity:
+            raise ValueError(f"the static cache ({self.capacity}) is full at {int(np.max(past))} tokens")
+        # 1) host: lay the trees out in the pinned buffers; 2) upload; 3) replay or run
+        layout = tree_layout(trees, roots, past, width, out=step.host)
+        if self.pending is not None:
+            self.move_src[:, : self.pending[0].shape[1]].copy_(torch.from_numpy(self.pending[0]), non_blocking=True)
+            self.move_dst[:, : self.pending[1].shape[1]].copy_(torch.from_numpy(self.pending[1]), non_blocking=True)
+            self.pending = None
+            moved = True
+        else:
+            moved = False
+        for dev, host in zip((step.ids, step.pos, step.sees), step.host_t):
+            dev.copy_(host, non_blocking=True)
+        self.past.copy_(torch.from_numpy(np.asarray(past, np.int64)), non_blocking=True)
+        logits, preds, top = step.run()
+        if moved:
+            self.move_src.fill_(self.cache.scratch)
+            self.move_dst.fill_(self.cache.scratch)
+        host_preds = host_top = None
+        if predict or topk:  # one device-to-host copy
+            both = (torch.cat([preds[..., None], top], dim=-1) if top is not None else preds[..., None]).cpu().numpy()
+            host_preds = both[..., 0] if predict else None
+            host_top = both[..., 1 : 1 + topk] if topk else None
+        return StepOutput(layout, logits, host_preds, host_top)
+
+    def rows_only(self, keep: Sequence[int]) -> bool:
+        return False  # fixed shapes: finished rows stay as padding (or the batch moves to a smaller bucket)
+
+
 class VerifierPool:
-    """Static verifiers kept across requests (their CUDA graphs stay captured), each lent to
-    one request at a time: a verifier holds its request's KV cache, so two requests running
-    at once (two threads sharing a :class:`~retrospec.Speculator`) get two verifiers.
+    """Static verifiers of one model kept across requests (their CUDA graphs stay
+    captured), each lent to one request at a time: a verifier holds its requests' KV cache,
+    so two requests running at once get two verifiers.
 
     >>> pool = VerifierPool()
     >>> a = pool.acquire("k", object); b = pool.acquire("k", object)   # both in use: two
@@ -262,11 +413,23 @@ class VerifierPool:
     True
     """
 
+    _pools: "weakref.WeakKeyDictionary[object, VerifierPool]" = weakref.WeakKeyDictionary()
+    _pools_lock = threading.Lock()
+
     def __init__(self) -> None:
         self._free: dict = {}
         self._keys: dict[int, tuple] = {}  # id(verifier) -> (key, verifier)
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()  # one capture or compile at a time
+
+    @classmethod
+    def for_model(cls, model) -> "VerifierPool":
+        """The pool of ``model`` (one per model object, shared by every thread)."""
+        with cls._pools_lock:
+            pool = cls._pools.get(model)
+            if pool is None:
+                pool = cls._pools[model] = VerifierPool()
+            return pool
 
     def acquire(self, key, build: Callable[[], object]):
         """A free verifier for ``key``, or a new one from ``build()``."""
@@ -292,27 +455,27 @@ class VerifierPool:
         return len(self._keys)
 
 
-def make_verifier(
-    model, mode: str, windows: dict[str, int | None], max_len: int, slots: int, pool: VerifierPool | None = None
-) -> Verifier:
-    """The verifier for ``mode`` (see ``VERIFY_MODES``); static verifiers come from ``pool``
-    (to be given back with ``pool.release`` after the request) for the same model, cache
-    length and slots."""
-    if mode not in VERIFY_MODES:
-        raise ValueError(f"verify mode must be one of {VERIFY_MODES}, got {mode!r}")
-    device = next(model.parameters()).device
-    full_attention = all(w is None for w in windows.values())
-    if mode == "auto":
-        mode = "graph" if device.type == "cuda" and full_attention else "dynamic"
-    if mode in ("static", "graph", "compile") and not full_attention:
-        log.info("retrospec: sliding-window layers are verified with the dynamic cache (static mode asked)")
-        mode = "dynamic"
+def make_verifier(model, config: VerifierConfig, windows: dict[str, int | None], rows: int, length: int, cap: int, topk: int = 0):
+    """The verifier of ``config`` for ``rows`` rows of up to ``length`` tokens (prompt + new
+    tokens) and trees of up to ``cap`` nodes. Static verifiers come from the model's
+    :class:`VerifierPool` (give them back with :func:`release_verifier`)."""
+    mode = config.resolved(model, windows)
     if mode == "dynamic":
-        return DynamicVerifier(model, windows)
-    bucket = cache_bucket(max_len)
-    cuda = device.type == "cuda"
+        return DynamicVerifier(model, windows, rows, length + cap + 2)
+    options = config.node_options(cap)
+    capacity = cache_bucket(length + options[-1] + 2)
+    batch = batch_bucket(rows)
+    graph = mode in ("graph", "compile")
 
     def build() -> StaticVerifier:
-        return StaticVerifier(model, bucket, slots, graph=mode == "graph" or (mode == "compile" and cuda), compile=mode == "compile")
+        verifier = StaticVerifier(model, windows, batch, capacity, options, graph=graph, compile=mode == "compile", topk=topk)
+        verifier.warm()
+        return verifier
 
-    return pool.acquire((id(model), mode, bucket, slots), build) if pool is not None else build()
+    return VerifierPool.for_model(model).acquire((mode, batch, capacity, options, topk), build)
+
+
+def release_verifier(model, verifier) -> None:
+    """Give a verifier from :func:`make_verifier` back (dynamic ones are simply dropped)."""
+    if isinstance(verifier, StaticVerifier):
+        VerifierPool.for_model(model).release(verifier)

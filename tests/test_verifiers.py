@@ -1,0 +1,68 @@
+"""Which verifier runs, and what the API refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import retrospec
+from conftest import repetitive_prompt, tiny_model
+from helpers import OracleSource, plain, spec
+
+
+def test_flash_attention_is_switched_to_sdpa_for_the_call(caplog):
+    from retrospec.hooks import _tree_attention
+
+    class Config:
+        _attn_implementation = "flash_attention_2"
+
+    class Model:
+        config = Config()
+        calls = []
+
+        def set_attn_implementation(self, name):
+            self.calls.append(name)
+            self.config._attn_implementation = name
+
+    model = Model()
+    with caplog.at_level("INFO"), _tree_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.calls == ["sdpa", "flash_attention_2"]
+    assert "sdpa" in caplog.text
+
+
+def test_bad_requests_get_clear_errors():
+    model = tiny_model("gpt2", n_positions=64)
+    ids = repetitive_prompt(96, 80, 0)
+    with pytest.raises(ValueError, match="positions end at 64"):
+        spec(model, ids, retrospec.Speculator(budget=4), max_new_tokens=4)
+    llama = tiny_model("llama")
+    ids = repetitive_prompt(96, 20, 0)
+    with pytest.raises(ValueError, match="beam search"):
+        spec(llama, ids, retrospec.Speculator(budget=4), max_new_tokens=4, num_beams=2)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    with pytest.raises(ValueError, match="right padding"):
+        retrospec.generate(llama, ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
+
+
+def test_verifier_choice():
+    from retrospec.verify.verifiers import DynamicVerifier, StaticVerifier, VerifierPool, make_verifier, release_verifier
+
+    model = tiny_model("llama")
+    windows = {"full_attention": None}
+    auto, static = retrospec.VerifierConfig(), retrospec.VerifierConfig(mode="static")
+    assert isinstance(make_verifier(model, auto, windows, 1, 100, 16), DynamicVerifier)  # CPU: dynamic
+    pool = VerifierPool.for_model(model)
+    a = make_verifier(model, static, windows, 1, 300, 16)
+    assert isinstance(a, StaticVerifier) and a.capacity == 1024  # cache sizes come in a few buckets
+    assert a.node_options == (0, 8, 16)  # the configured sizes, capped by the budget
+    b = make_verifier(model, static, windows, 1, 900, 16)
+    assert b is not a  # a is still lent to its request: it holds that request's cache
+    release_verifier(model, a)
+    assert make_verifier(model, static, windows, 1, 900, 16) is a and len(pool) == 2
+    assert make_verifier(model, static, windows, 3, 900, 16).batch == 4  # batch buckets
+    with pytest.raises(ValueError, match="CUDA"):
+        make_verifier(model, retrospec.VerifierConfig(mode="graph"), windows, 1, 100, 16)
+    with pytest.raises(ValueError, match="verify mode"):
+        retrospec.VerifierConfig(mode="fast")
