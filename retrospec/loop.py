@@ -34,7 +34,7 @@ from retrospec.sources.base import Verified
 from retrospec.stats import SpecStats
 from retrospec.tree import DraftTree
 from retrospec.verify.acceptance import accept_greedy, accept_walk, pick_token, predictions
-from retrospec.verify.step_cost import dynamic_cost, live_cost, time_static_steps
+from retrospec.verify.step_cost import dynamic_cost
 from retrospec.verify.verifiers import StaticVerifier, VerifierConfig, batch_bucket, make_verifier, release_verifier
 
 log = logging.getLogger(__name__)
@@ -208,11 +208,8 @@ class Decoder:
     def _cost_model(self, refresh: bool) -> LiveCost | None:
         if self.spec.budget != AUTO:
             return None
-        if isinstance(self.verifier, StaticVerifier):  # its own replays, measured once per verifier
-            v = self.verifier
-            if getattr(v, "cost", None) is None:
-                v.cost = live_cost(self.model, f"static-{id(v)}", lambda _batch: time_static_steps(v))
-            return v.cost
+        if isinstance(self.verifier, StaticVerifier):  # its own steps, timed when it was built
+            return self.verifier.live_cost
         return dynamic_cost(self.model, refresh=refresh, max_size=self.cap + 1)
 
     def _cost_batch(self) -> int:

@@ -74,6 +74,18 @@ def test_rows_accept_different_lengths_and_the_cache_stays_exact():
         assert sum(1 for k, n in enumerate(hist) if n and k > 1) >= 3  # steps committed many different lengths
 
 
+def test_the_auto_budget_of_a_static_verifier_leaves_the_cache_alone():
+    """Its step costs are timed when it is built, never by running its steps mid-request."""
+    model = tiny_model("llama")
+    prompts = [repetitive_prompt(96, n, seed + 50) for seed, n in enumerate(LENGTHS)]
+    refs = alone(model, prompts, max_new_tokens=30)
+    ids, mask = left_padded(prompts)
+    speculator = retrospec.Speculator([retrospec.ContextSource(), retrospec.TokenRecycling.for_model(model)], budget="auto")
+    out = retrospec.generate(model, ids, attention_mask=mask, speculator=speculator, verifier=retrospec.VerifierConfig(mode="static"),
+                             do_sample=False, pad_token_id=0, max_new_tokens=30)
+    assert rows_of(out, ids.shape[1]) == refs
+
+
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
 def test_more_prompts_than_rows_refill_finished_rows(batch_size):
     model = tiny_model("qwen2")

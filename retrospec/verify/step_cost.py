@@ -142,7 +142,11 @@ def step_cost_for(model, *, batch: int = 1, refresh: bool = False, max_size: int
         except (ValueError, KeyError, TypeError) as err:
             log.warning("ignoring unreadable step-cost cache %s (%s); measuring again", path, err)
     log.info("measuring the step cost of %s on %s, %d row(s)", type(model).__name__, next(model.parameters()).device, batch)
-    sizes = tuple(n for n in DEFAULT_SIZES if n <= max(max_size, 2)) if batch > 1 else DEFAULT_SIZES
+    # a batch's large trees never pay on a CPU and take long to time: measure the sizes a
+    # batch of this many rows may choose (up to ~256 tokens a forward); the cost model
+    # extrapolates beyond them
+    top = max(min(max_size, 256 // batch), 8) if batch > 1 else max(max_size, 2)
+    sizes = tuple(n for n in DEFAULT_SIZES if n <= top)
     cost = measure_step_cost(model, batch=batch, sizes=sizes)
     summary = ", ".join(f"{n}:{s * 1e3:.1f}ms" for n, s in zip(cost.sizes, cost.seconds))
     if cost.loaded:

@@ -30,6 +30,7 @@ import torch
 
 from retrospec.buffers import TreeLayout, attention_mask, prefill_buffers, tree_layout
 from retrospec.compat import accepts, cache_kwarg
+from retrospec.drafting.budget import LiveCost
 from retrospec.tree import DraftTree
 from retrospec.verify.acceptance import predictions
 from retrospec.verify.cache import RowCache
@@ -273,7 +274,7 @@ class _Graph:
         self.pos = torch.zeros(v.batch, slots, dtype=torch.long, device=dev)
         self.sees = torch.zeros(v.batch, slots, slots, dtype=torch.bool, device=dev)
         self.index = torch.zeros(v.batch, slots, dtype=torch.long, device=dev)
-        self.host = TreeLayout(*(torch.zeros(shape, dtype=dtype).pin_memory().numpy() if v.pin else np.zeros(shape, dtype)
+        self.host = TreeLayout(*(torch.from_numpy(np.zeros(shape, dtype)).pin_memory().numpy() if v.pin else np.zeros(shape, dtype)
                                  for shape, dtype in [((v.batch, slots), np.int64), ((v.batch, slots), np.int64),
                                                       ((v.batch, slots), np.int64), ((v.batch, slots, slots), np.bool_),
                                                       ((v.batch,), np.int64), ((v.batch,), np.int64)]))
@@ -354,11 +355,16 @@ class StaticVerifier(_Base):
         return self.node_options[-1] + 1
 
     def warm(self) -> None:
-        """Build every step now (capture its graph, compile it) instead of on first use,
-        on an empty cache: outside any timing."""
+        """Build every step now (capture its graph, compile it) and time each one — the
+        prior of the budget's cost model — on the empty cache, before any request: a step
+        run later outside a request would overwrite the rows' keys and values."""
+        from retrospec.verify.step_cost import time_static_steps
+
         for step in self.steps.values():
             self.past.zero_()
             step.run()
+        self.step_cost = time_static_steps(self)
+        self.live_cost = LiveCost({self.batch: self.step_cost})  # corrected by the requests it serves
 
     def verify(self, trees, roots, past, nodes, predict=True, topk=0) -> StepOutput:
         if topk > self.topk:
