@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -162,8 +161,7 @@ def step_cost_for(model, *, refresh: bool = False) -> StepCost:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` all or nothing (see :func:`retrospec.datastores.files.write_atomic`)."""
+    from retrospec.datastores.files import write_atomic as write
+
+    write(path, data)
