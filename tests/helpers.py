@@ -1,4 +1,4 @@
-"""Test-only draft sources."""
+"""Test-only draft sources and tokenizers."""
 
 from __future__ import annotations
 
@@ -68,3 +68,34 @@ class FixedTreeSource:
 
     def observe(self, step):
         pass
+
+
+class IdTokenizer:
+    """Texts are space-separated token ids: "5 6 7" -> [5, 6, 7]; other words are id 0."""
+
+    def __init__(self, vocab_size: int = 100, name: str = "ids"):
+        self.vocab_size, self.name_or_path = vocab_size, name
+        self.bos_token = self.eos_token = self.pad_token = self.unk_token = None
+        self.eos_token_id = None
+
+    def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
+        def one(text):
+            ids, offsets, pos = [], [], 0
+            for word in text.split():
+                start = text.index(word, pos)
+                ids.append(int(word) if word.isdigit() else 0)
+                offsets.append((start, start + len(word)))
+                pos = start + len(word)
+            return ids, offsets
+
+        encoded = [one(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        out = {"input_ids": [e[0] for e in encoded]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [e[1] for e in encoded]
+        return {k: v[0] for k, v in out.items()} if isinstance(texts, str) else out
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
+    def get_vocab(self):
+        return {f"t{i}": i for i in range(self.vocab_size)}

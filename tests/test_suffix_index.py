@@ -15,26 +15,7 @@ from retrospec.datastores.suffix_build import BuildOptions, build_index, merge_i
 from retrospec.datastores.corpus import CorpusError, ReadOptions
 from retrospec.datastores.files import IndexFormatError
 from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex, verify_index
-
-
-class IdTokenizer:
-    """Texts are space-separated token ids: "5 6 7" -> [5, 6, 7]; other words are id 0."""
-
-    def __init__(self, vocab_size: int = 100, name: str = "ids"):
-        self.vocab_size, self.name_or_path = vocab_size, name
-        self.bos_token = self.eos_token = self.pad_token = self.unk_token = None
-        self.eos_token_id = None
-
-    def __call__(self, texts, add_special_tokens=False):
-        def ids(text):
-            return [int(t) if t.isdigit() else 0 for t in text.split()]
-
-        if isinstance(texts, str):
-            return {"input_ids": ids(texts)}
-        return {"input_ids": [ids(text) for text in texts]}
-
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(self.vocab_size)}
+from helpers import IdTokenizer
 
 
 def corpus(tmp_path: Path, docs: list[list[int]], name: str = "c.jsonl") -> Path:
