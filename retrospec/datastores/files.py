@@ -445,6 +445,11 @@ def _index_kind(folder: Path) -> tuple[str | None, list[str]]:
     return data["format"], [p for p in _contents(folder) if p not in known]
 
 
+def peek_format(folder: Path) -> str | None:
+    """The format an index folder's manifest names (unvalidated: to pick a reader), or None."""
+    return _index_kind(Path(folder))[0]
+
+
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:5])
     return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
