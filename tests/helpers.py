@@ -99,3 +99,45 @@ class IdTokenizer:
 
     def get_vocab(self):
         return {f"t{i}": i for i in range(self.vocab_size)}
+
+
+def edit_manifest(root, edit, recompute: bool = True) -> None:
+    """Apply ``edit(data)`` to an index's manifest; with ``recompute`` also fix its own
+    checksum (a hostile index, whose schema checks must catch the edit)."""
+    import json
+    from pathlib import Path
+
+    from retrospec.datastores.files import CHECKSUM_KEY, manifest_digest
+
+    path = Path(root) / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    if recompute and isinstance(data, dict):
+        data[CHECKSUM_KEY] = manifest_digest(data)
+    path.write_text(json.dumps(data))
+
+
+def forge_file(root, name: str, raw: bytes) -> None:
+    """Replace file ``name`` of an index and make every checksum agree with it (its manifest
+    entry, its block crc32s, the manifest's own): corruption no cheap check can see."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from retrospec.datastores.files import describe_file
+    from retrospec.datastores.suffix_index import block_crcs
+
+    root = Path(root)
+    (root / name).write_bytes(raw)
+    shard, file = name.rsplit("/", 1) if "/" in name else ("", name)
+
+    def edit(data):
+        entries = data["files"] if not shard else next(s for s in data["shards"] if s["name"] == shard)["files"]
+        entries[name].update(describe_file(root / name))
+        if file in ("tokens.bin", "sa.bin"):
+            block = next(s for s in data["shards"] if s["name"] == shard)["block_bytes"]
+            crc = f"{shard}/{file.replace('.bin', '.crc')}"
+            block_crcs(np.frombuffer(raw, np.uint8), block).astype("<u4").tofile(root / crc)
+            entries[crc].update(describe_file(root / crc))
+
+    edit_manifest(root, edit)
