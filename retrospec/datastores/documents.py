@@ -15,8 +15,9 @@ It follows the suffix index's rules (see :mod:`retrospec.datastores.files`): bui
 temporary directory and swapped into place, never over a folder of other files; the
 manifest checksummed and validated on open; no pickle (faiss writes its own binary format).
 faiss reads ``dense.faiss`` whole anyway, so its sha256 is checked in the same pass, as is
-that of ``docs.sqlite`` up to ``FULL_CHECK_BYTES`` (larger ones get the edge checksums, and
-SQLite's own checks; ``index verify`` hashes everything).
+that of ``docs.sqlite`` up to ``FULL_CHECK_BYTES``, with SQLite's ``quick_check`` (larger
+ones get the edge checksums, and SQLite's own checks as pages are read; ``index verify``
+hashes everything and runs the full integrity check).
 """
 
 from __future__ import annotations
@@ -241,8 +242,9 @@ class DocumentStore:
             check_tokenizer(manifest, tokenizer)
         check_files(manifest.root, manifest.data["files"])
         db = manifest.data["files"][DB]
-        if db["bytes"] <= FULL_CHECK_BYTES:
+        if db["bytes"] <= FULL_CHECK_BYTES:  # small: hash it, and let SQLite check its structure
             check_files(manifest.root, {DB: db}, full=True)
+            _quick_check(confined(manifest.root, DB))
         return cls(manifest.root, manifest.data, _read_dense(manifest.root, manifest.data))
 
     @staticmethod
@@ -409,6 +411,19 @@ def _connect_ro(path: Path) -> sqlite3.Connection:
         return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as err:
         raise IndexFormatError(f"{path}: not a readable SQLite database ({err})") from None
+
+
+def _quick_check(path: Path) -> None:
+    """SQLite's own structural check (O(size): only for stores hashed whole anyway)."""
+    con = _connect_ro(path)
+    try:
+        verdict = con.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.Error as err:
+        raise IndexFormatError(f"{path}: not a readable SQLite database ({err})") from None
+    finally:
+        con.close()
+    if not verdict or verdict[0] != "ok":
+        raise IndexFormatError(f"{path}: SQLite quick check failed ({verdict and str(verdict[0])[:120]})")
 
 
 def _read_dense(root: Path, manifest: dict):

@@ -122,10 +122,15 @@ class Speculator:
         return max((s.topk_wanted for s in self.sources), default=0)
 
     def step_cost(self, model) -> StepCost:
-        """The step-cost profile used by ``budget="auto"`` (measured once per model)."""
+        """The step-cost profile used by ``budget="auto"`` (measured once per model; a cached
+        profile that cannot be used — a hand-edited or damaged cache file — is measured again)."""
         key = id(model)
         if key not in self._costs:
-            self._costs[key] = step_cost_for(model)
+            cost = step_cost_for(model)
+            if not usable_cost(cost):
+                log.warning("the cached step-cost profile of this model is unusable (%s); measuring it again", cost)
+                cost = step_cost_for(model, refresh=True)
+            self._costs[key] = cost
         return self._costs[key]
 
     def start_request(self, prompt: np.ndarray, model=None, documents: Sequence[str] = ()) -> "SpecSession":
@@ -144,6 +149,19 @@ class Speculator:
         for k, why in failed:
             session.switch_off(k, why)
         return session
+
+
+def usable_cost(cost: StepCost) -> bool:
+    """Whether a step-cost profile holds finite, non-negative seconds for ascending sizes >= 1."""
+    try:
+        sizes = np.asarray(cost.sizes, np.float64)
+        seconds = np.asarray(cost.seconds, np.float64)
+        probe = np.asarray(cost(np.array([1.0, 8.0, 64.0])), np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return bool(sizes.ndim == 1 and sizes.shape == seconds.shape and sizes.shape[0] >= 2 and np.all(np.isfinite(sizes))
+                and sizes[0] >= 1 and np.all(np.diff(sizes) > 0) and np.all(np.isfinite(seconds)) and np.all(seconds >= 0)
+                and np.all(np.isfinite(probe)))
 
 
 def vocab_size(model) -> int | None:
