@@ -651,7 +651,8 @@ class SuffixIndex:
         if depth <= 0 or max_nodes <= 0 or context.shape[0] == 0:
             return DraftTree.empty()
         tail = np.asarray(context[-cfg.max_ngram :], np.int64)
-        pend = np.zeros(PENDING + 1, np.int64)
+        pend = np.empty(PENDING + 1, np.int64)
+        pend[0] = 0
         stamp = 2 + next(self._stamps) % ((1 << 32) - 2)  # never VERIFIED, never 0
         found = []
         for shard in self.shards:
@@ -660,7 +661,8 @@ class SuffixIndex:
             with self._lock:
                 m, lo, hi = longest_suffix(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, shard.local(tail),
                                            cfg.max_ngram, shard.top, shard.checks(pend, stamp))
-            shard.verify_blocks(pend)
+            if pend[0]:  # blocks read for the first time (rare once a process is warm)
+                shard.verify_blocks(pend)
             if m >= cfg.min_ngram:
                 found.append((m, lo, hi, shard))
         if not found:
@@ -675,7 +677,8 @@ class SuffixIndex:
             start = used
             used += gather(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, lo, hi, m, take, depth, shard.sep,
                            rows, used, shard.checks(pend, stamp))
-            shard.verify_blocks(pend)
+            if pend[0]:
+                shard.verify_blocks(pend)
             block = rows[start:used]
             valid = block >= 0
             block[valid] = shard.vocab[block[valid]]  # back to global ids (gather keeps local ids < sep)
