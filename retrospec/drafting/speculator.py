@@ -126,9 +126,13 @@ class Speculator:
         profile that cannot be used — a hand-edited or damaged cache file — is measured again)."""
         key = id(model)
         if key not in self._costs:
-            cost = step_cost_for(model)
-            if not usable_cost(cost):
-                log.warning("the cached step-cost profile of this model is unusable (%s); measuring it again", cost)
+            try:
+                cost = step_cost_for(model)
+                why = None if usable_cost(cost) else f"unusable values {cost}"
+            except (RecursionError, MemoryError, OverflowError, ValueError, TypeError) as err:  # what a damaged cache file can raise
+                why = f"{type(err).__name__}: {str(err)[:120]}"
+            if why is not None:
+                log.warning("the cached step-cost profile of this model is damaged (%s); measuring it again", why)
                 cost = step_cost_for(model, refresh=True)
             self._costs[key] = cost
         return self._costs[key]

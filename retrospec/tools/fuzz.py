@@ -634,7 +634,10 @@ class BudgetCacheFormat(Format):
             path.write_text(json.dumps(data))
             return what
         data = json.loads(path.read_text())
-        choice = int(rng.integers(4))
+        choice = int(rng.integers(5))
+        if choice == 4:  # JSON that parses into a recursion too deep for the decoder
+            path.write_text("[" * 200_000 + "]" * 200_000)
+            return "crafted: 200,000 nested lists"
         if choice == 0:
             data["seconds"] = [0.0] * len(data["seconds"])
         elif choice == 1:
