@@ -653,6 +653,8 @@ class BudgetCacheFormat(Format):
     def _placed(self, path, w):
         target = Path(w.setup.extra["budget_target"])
         with w.unwatched():
+            if target.is_symlink():  # left by an earlier write that followed a planted link: not this mutant's doing
+                target.unlink()
             shutil.copyfile(path, target)
         return target
 
@@ -932,14 +934,14 @@ class WorkerProcess:
         line = self._read(self.timeout)
         if line:
             return json.loads(line)
-        if self.proc.poll() is None:  # no answer in time: a hang
+        if line is None:  # no answer in time: a hang
             self.proc.kill()
             self.proc.wait()
             self.proc, self.restarts = None, self.restarts + 1
             return {"outcome": "hang"}
-        code = self.proc.wait()
+        code = self.proc.wait()  # end of output: the worker died
         self.proc, self.restarts = None, self.restarts + 1
-        return {"outcome": "segfault", "error": f"worker died with {code}"}
+        return {"outcome": "segfault" if code < 0 else "crash", "error": f"worker died with {code}"}
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
