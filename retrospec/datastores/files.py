@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 
@@ -194,7 +194,7 @@ class Fields:
         if not isinstance(data, dict):
             self.fail("", "must be an object", data)
 
-    def fail(self, key: str, what: str, value: Any) -> None:
+    def fail(self, key: str, what: str, value: Any) -> NoReturn:
         name = f"{self.prefix}{key}" or "(top level)"
         raise IndexFormatError(f"{self.where}: field {name} {what}, got {_shown(value)}")
 
