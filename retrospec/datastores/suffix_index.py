@@ -16,16 +16,31 @@ lean processes that run them without numba):
 3. sample up to ``max_matches`` occurrences evenly across the suffix-array range (so
    frequent continuations are sampled in proportion to their counts), read the tokens
    after each up to a document separator, sort them and merge them into a trie with counts;
-4. score each node by its count share times a confidence growing with ``m``.
+4. check the crc32 of every block of ``tokens.bin``/``sa.bin`` the query read for the first
+   time (see *Integrity* below), then score each node by its count share times a
+   confidence growing with ``m``.
 
 Tokens from different documents are separated by a reserved value no query can contain,
 so no match and no continuation crosses a document boundary.
+
+Integrity: an index may come from anywhere. Opening validates the manifest (its own
+checksum, every field, every path inside the folder, sizes consistent with the files) and
+reads the small files whole (``vocab.bin``, the block checksums). The large arrays are
+covered by a crc32 per block of each shard's ``block_bytes`` (``tokens.crc``, ``sa.crc``),
+checked lazily: the kernels note each block they read that is not verified yet, and the
+query checks those blocks before it uses its answer, so a flipped byte is found by the first query that reads
+it, at a cost paid once per block and process. A bad block raises :class:`IndexFormatError`
+and the shard stays off; the kernels never read outside the arrays whatever the bytes say.
+``verify_index`` checks everything, the suffix order in O(n).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import sqlite3
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -33,11 +48,18 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from retrospec.datastores.files import (
+    NAME,
     IndexFormatError,
+    Manifest,
+    array_entry,
     check_files,
     check_tokenizer,
+    confined,
+    file_entry,
     open_array,
     read_manifest,
+    read_small_array,
+    tokenizer_fields,
 )
 from retrospec.jit import njit
 from retrospec.sources.base import Verified
@@ -47,7 +69,17 @@ from retrospec.tree import DraftTree
 log = logging.getLogger(__name__)
 
 FORMAT = "retrospec-suffix-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a checksummed manifest, per-block crc32 files, ``docs.sqlite`` in the manifest. Version 1
+indexes are refused with a message to rebuild them (their manifest cannot be trusted)."""
+DOCS_DB = "docs.sqlite"
+BLOCK_BYTES = 1 << 16
+"""Bytes per crc32 block of ``tokens.bin``/``sa.bin`` (see ``benchmarks/datastore_fuzz.md``)."""
+MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 1 << 12, 1 << 24
+MAX_SHARD_POSITIONS = 1 << 31
+MAX_SHARDS = 100_000
+SHARD_FILES = ("tokens.bin", "sa.bin", "vocab.bin", "tokens.crc", "sa.crc")
+MAX_CONTEXT = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -133,7 +165,20 @@ def pack_bits(values: np.ndarray, w: int) -> np.ndarray:
     return out
 
 
-@njit()
+def _unpack_py(data, w, start, stop, chunk=1 << 20):
+    """``_unpack`` for interpreted kernels: vectorised 8-byte reads, a chunk at a time."""
+    out = np.empty(max(stop - start, 0), np.int64)
+    data = np.asarray(data, np.uint8)
+    for lo in range(start, stop, chunk):
+        hi = min(lo + chunk, stop)
+        bit = np.arange(lo, hi, dtype=np.int64) * w
+        window = data[(bit >> 3)[:, None] + np.arange(8)].astype(np.uint64)
+        word = (window << (np.arange(8, dtype=np.uint64) * np.uint64(8))).sum(axis=1, dtype=np.uint64)
+        out[lo - start : hi - start] = ((word >> (bit & 7).astype(np.uint64)) & np.uint64((1 << w) - 1)).astype(np.int64)
+    return out
+
+
+@njit(py=_unpack_py)
 def _unpack(data, w, start, stop):
     out = np.empty(stop - start, np.int64)
     for i in range(start, stop):
@@ -155,10 +200,59 @@ def bits_for(max_value: int) -> int:
     return max(int(max_value).bit_length(), 1)
 
 
+def block_crcs(data: np.ndarray, block_bytes: int) -> np.ndarray:
+    """``uint32 [ceil(len / block_bytes)]``: the crc32 of each block of a byte array."""
+    view = memoryview(np.ascontiguousarray(data, np.uint8)).cast("B")
+    return np.fromiter((zlib.crc32(view[lo : lo + block_bytes]) for lo in range(0, len(view), block_bytes)),
+                       np.uint32, -(-len(view) // block_bytes))
+
+
 # --------------------------------------------------------------------------- numba kernels
+# Lazy block checks: each shard keeps a ``state`` per block of tokens.bin and sa.bin
+# (VERIFIED, or the stamp of the query that last noted it). A kernel that reads bytes of a
+# block not verified yet appends ``2 * block + kind`` (kind 0: tokens, 1: sa) to ``pend``
+# (``pend[0]`` counts; -1 once full), and the query checks those blocks before it uses its
+# answer. Invariant that keeps every read inside the arrays whatever the bytes say: a read of
+# token ``j`` happens only for ``j < n`` and of row ``r`` only for ``r < n``.
+VERIFIED = 1
+
+
+@njit(inline="always")
+def _touch(state, first_byte, last_byte, shift, pend, stamp, kind):
+    """Note the blocks holding bytes ``first_byte..last_byte`` that are not verified yet."""
+    for b in range(first_byte >> shift, (last_byte >> shift) + 1):
+        s = state[b]
+        if s != VERIFIED and s != stamp:
+            state[b] = stamp
+            c = pend[0]
+            if c >= 0:
+                if c + 1 < pend.shape[0]:
+                    pend[c + 1] = 2 * b + kind
+                    pend[0] = c + 1
+                else:
+                    pend[0] = -1  # full: the query checks every unverified block
+
+
+@njit(inline="always")
+def _row(sa, sw, row, ss, shift, pend, stamp):
+    """Suffix-array entry ``row`` (noting its block)."""
+    bit = np.int64(row) * sw
+    _touch(ss, bit >> 3, (bit + sw - 1) >> 3, shift, pend, stamp, 1)
+    return bits_get(sa, row, sw)
+
+
+@njit(inline="always")
+def _note_tokens(tok, tw, n, start, count, ts, shift, pend, stamp):
+    """Note the blocks of tokens ``start .. start + count - 1`` (those before ``n``)."""
+    k = min(count, n - start)
+    if k > 0:
+        _touch(ts, (start * tw) >> 3, ((start + k) * tw - 1) >> 3, shift, pend, stamp, 0)
+
+
 @njit()
-def _compare(tok, tw, n, start, pattern, m):
+def _compare(tok, tw, n, start, pattern, m, ts, shift, pend, stamp):
     """Order of the suffix at ``start`` against ``pattern[:m]``: -1 below, 0 prefix match, 1 above."""
+    _note_tokens(tok, tw, n, start, m, ts, shift, pend, stamp)
     for j in range(m):
         if start + j >= n:
             return -1  # the suffix ended first: it sorts below
@@ -192,13 +286,30 @@ class TopLevels(NamedTuple):
         return cls(np.zeros((size, width), np.int32), np.zeros(size, np.int16), np.zeros(size, np.uint8))
 
 
+class BlockChecks(NamedTuple):
+    """One query's view of a shard's block states (see the kernels' comment)."""
+
+    tokens: np.ndarray  # uint32 [blocks of tokens.bin]
+    sa: np.ndarray  # uint32 [blocks of sa.bin]
+    shift: int  # log2(block_bytes)
+    pend: np.ndarray  # int64 [1 + capacity]
+    stamp: int
+
+    @classmethod
+    def none(cls) -> "BlockChecks":
+        """Nothing to check (every byte falls in block 0, marked verified)."""
+        one = np.full(1, VERIFIED, np.uint32)
+        return cls(one, one, 62, np.zeros(2, np.int64), 2)
+
+
 @njit()
-def _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok):
+def _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
     """``_compare`` of row ``mid`` (heap node ``h``), served from the top levels when cached."""
     if h >= top_ok.shape[0] or m > top_tok.shape[1]:
-        return _compare(tok, tw, n, bits_get(sa, mid, sw), pattern, m)
+        return _compare(tok, tw, n, _row(sa, sw, mid, ss, shift, pend, stamp), pattern, m, ts, shift, pend, stamp)
     if top_ok[h] == 0:
-        start = bits_get(sa, mid, sw)
+        start = _row(sa, sw, mid, ss, shift, pend, stamp)
+        _note_tokens(tok, tw, n, start, top_tok.shape[1], ts, shift, pend, stamp)
         k = 0
         while k < top_tok.shape[1] and start + k < n:
             top_tok[h, k] = bits_get(tok, start + k, tw)
@@ -219,12 +330,12 @@ def _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_o
 
 
 @njit()
-def _sa_range(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok):
+def _sa_range(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
     lo, hi, h = 0, n, 1
     upper = n  # the lowest row seen strictly above the pattern bounds the second search
     while lo < hi:  # first row not below the pattern
         mid = (lo + hi) // 2
-        order = _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok)
+        order = _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
         if order < 0:
             lo = mid + 1
             h = 2 * h + 1
@@ -237,7 +348,7 @@ def _sa_range(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok):
     hi = upper
     while lo < hi:  # first row above it
         mid = (lo + hi) // 2
-        if _compare(tok, tw, n, bits_get(sa, mid, sw), pattern, m) <= 0:
+        if _compare(tok, tw, n, _row(sa, sw, mid, ss, shift, pend, stamp), pattern, m, ts, shift, pend, stamp) <= 0:
             lo = mid + 1
         else:
             hi = mid
@@ -247,17 +358,20 @@ def _sa_range(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok):
 _NO_TOP = TopLevels.empty(0, 1)
 
 
-def sa_range(tok, tw, sa, sw, n, pattern, m, top: TopLevels = _NO_TOP) -> tuple[int, int]:
+def sa_range(tok, tw, sa, sw, n, pattern, m, top: TopLevels = _NO_TOP, checks: BlockChecks | None = None) -> tuple[int, int]:
     """``[lo, hi)``: the suffix-array rows whose suffix starts with ``pattern[:m]``.
 
     Invariant: ``sa`` sorts the ``n`` suffixes of ``tok``, so those rows are contiguous.
-    ``top`` caches the rows every search probes first (see :class:`TopLevels`).
+    ``top`` caches the rows every search probes first (see :class:`TopLevels`); ``checks``
+    collects the blocks read that are not verified yet.
     """
-    return _sa_range(tok, tw, sa, sw, n, np.asarray(pattern, np.int64), m, top.tokens, top.length, top.filled)
+    c = checks or BlockChecks.none()
+    return _sa_range(tok, tw, sa, sw, n, np.asarray(pattern, np.int64), m, top.tokens, top.length, top.filled,
+                     c.tokens, c.sa, c.shift, c.pend, c.stamp)
 
 
 @njit()
-def _longest_suffix(tok, tw, sa, sw, n, context, max_m, top_tok, top_len, top_ok):
+def _longest_suffix(tok, tw, sa, sw, n, context, max_m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
     c = context.shape[0]
     limit = 0
     while limit < min(max_m, c) and context[c - 1 - limit] >= 0:
@@ -266,7 +380,7 @@ def _longest_suffix(tok, tw, sa, sw, n, context, max_m, top_tok, top_len, top_ok
     best_lo, best_hi = 0, 0
     while lo_m < hi_m:  # occurrence is monotone in m: binary search the longest
         mid = (lo_m + hi_m + 1) // 2
-        a, b = _sa_range(tok, tw, sa, sw, n, context[c - mid :], mid, top_tok, top_len, top_ok)
+        a, b = _sa_range(tok, tw, sa, sw, n, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
         if b > a:
             lo_m, best_lo, best_hi = mid, a, b
         else:
@@ -274,33 +388,41 @@ def _longest_suffix(tok, tw, sa, sw, n, context, max_m, top_tok, top_len, top_ok
     return lo_m, best_lo, best_hi
 
 
-def longest_suffix(tok, tw, sa, sw, n, context, max_m, top: TopLevels = _NO_TOP) -> tuple[int, int, int]:
+def longest_suffix(tok, tw, sa, sw, n, context, max_m, top: TopLevels = _NO_TOP, checks: BlockChecks | None = None) -> tuple[int, int, int]:
     """Largest ``m <= max_m`` such that ``context[-m:]`` occurs, with its row range.
 
     ``context`` holds local token ids, ``-1`` for tokens the shard never saw. Returns
     ``(0, 0, 0)`` when not even the last token occurs.
     """
-    return _longest_suffix(tok, tw, sa, sw, n, np.asarray(context, np.int64), max_m, top.tokens, top.length, top.filled)
+    c = checks or BlockChecks.none()
+    return _longest_suffix(tok, tw, sa, sw, n, np.asarray(context, np.int64), max_m, top.tokens, top.length, top.filled,
+                           c.tokens, c.sa, c.shift, c.pend, c.stamp)
 
 
 @njit()
-def gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0):
-    """Write the continuations of ``take`` occurrences, evenly spaced over rows ``[lo, hi)``,
-    into ``out[row0 : row0 + take]`` (``-1`` padded, cut at ``sep``); return rows written."""
+def _gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0, ts, ss, shift, pend, stamp):
     count = hi - lo
     if take > count:
         take = count
     for i in range(take):
         row = lo + (i * count) // take
-        pos = bits_get(sa, row, sw) + m
+        pos = _row(sa, sw, row, ss, shift, pend, stamp) + m
+        _note_tokens(tok, tw, n, pos, depth, ts, shift, pend, stamp)
         for d in range(depth):
             if pos + d >= n:
                 break
             t = bits_get(tok, pos + d, tw)
-            if t == sep:
+            if t >= sep:  # a separator (or, in a damaged shard, no token at all)
                 break
             out[row0 + i, d] = t
     return take
+
+
+def gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0, checks: BlockChecks | None = None) -> int:
+    """Write the continuations of ``take`` occurrences, evenly spaced over rows ``[lo, hi)``,
+    into ``out[row0 : row0 + take]`` (``-1`` padded, cut at ``sep``); return rows written."""
+    c = checks or BlockChecks.none()
+    return _gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0, c.tokens, c.sa, c.shift, c.pend, c.stamp)
 
 
 # --------------------------------------------------------------------------- the index
@@ -317,6 +439,13 @@ class Shard:
     vocab: np.ndarray  # uint32: global token id of each local id (sorted)
     sep: int
     top: TopLevels  # the first binary-search levels, filled by queries
+    path: Path  # the shard's folder, for messages
+    block_shift: int  # log2 of the checksum block size
+    tokens_crc: np.ndarray  # uint32: crc32 per block of ``tokens``
+    sa_crc: np.ndarray  # uint32: crc32 per block of ``sa``
+    tokens_state: np.ndarray  # uint32 per block: VERIFIED, or the stamp of a query that read it
+    sa_state: np.ndarray
+    bad: str | None = None  # why the shard is off (a block failed its checksum)
 
     def local(self, ids: np.ndarray) -> np.ndarray:
         """Global ids -> local ids, ``-1`` where the shard never saw the token."""
@@ -329,6 +458,124 @@ class Shard:
 
     def sa_entry(self, row: int) -> int:
         return int(bits_get(self.sa, row, self.sa_bits))
+
+    def checks(self, pend: np.ndarray, stamp: int) -> BlockChecks:
+        return BlockChecks(self.tokens_state, self.sa_state, self.block_shift, pend, stamp)
+
+    def verify_blocks(self, pend: np.ndarray) -> None:
+        """Check the blocks a kernel noted in ``pend`` (then empty it); raise on a bad one."""
+        count = int(pend[0])
+        if count < 0:
+            codes = np.concatenate([2 * np.flatnonzero(self.tokens_state != VERIFIED),
+                                    2 * np.flatnonzero(self.sa_state != VERIFIED) + 1])
+        else:
+            codes = np.unique(pend[1 : count + 1])
+        size = 1 << self.block_shift
+        for code in codes.tolist():
+            kind, block = code & 1, code >> 1
+            state, data, crcs, file = ((self.tokens_state, self.tokens, self.tokens_crc, "tokens.bin") if kind == 0
+                                       else (self.sa_state, self.sa, self.sa_crc, "sa.bin"))
+            if state[block] == VERIFIED:
+                continue
+            lo = block * size
+            if zlib.crc32(data[lo : lo + size]) != int(crcs[block]):
+                self.bad = (f"{self.path / file}: block {block} (bytes {lo:,} to {lo + size:,}) does not match its checksum "
+                            f"(corrupted); run `retrospec index verify` or rebuild the index")
+                raise IndexFormatError(self.bad)
+            state[block] = VERIFIED
+        pend[0] = 0
+
+
+PENDING = 1024
+"""Blocks one kernel call may note before the query checks every unverified block instead."""
+
+
+def read_index_manifest(root: str | Path) -> Manifest:
+    """Read and validate the manifest of a suffix index (see :func:`validate_manifest`)."""
+    manifest = read_manifest(root, FORMAT, FORMAT_VERSION)
+    validate_manifest(manifest)
+    return manifest
+
+
+def validate_manifest(manifest: Manifest) -> None:
+    """Every field of a suffix-index manifest against its schema: types, ranges, exactly the
+    expected files per shard, sizes that follow from the counts and bit widths, no shard
+    listed twice, totals equal to the sums over the shards."""
+    f = manifest.fields()
+    vocab_size = tokenizer_fields(f)["vocab_size"]
+    total_tokens = f.integer("tokens", 1, MAX_SHARDS * MAX_SHARD_POSITIONS)
+    total_docs = f.integer("documents", 1, total_tokens)
+    if "build" in f.data:
+        f.obj("build")
+    if "created" in f.data:
+        f.text("created", max_len=64)
+    files = f.obj("files")
+    if set(files.data) != {DOCS_DB}:
+        f.fail("files", f"must list exactly {[DOCS_DB]}", sorted(files.data))
+    file_entry(files, DOCS_DB)
+    names: set[str] = set()
+    tokens = documents = 0
+    for i in range(len(f.items("shards", 1, MAX_SHARDS))):
+        s = f.item("shards", i)
+        name = s.text("name", NAME)
+        if name in names:
+            s.fail("name", "repeats another shard's name (a shard listed twice)", name)
+        names.add(name)
+        n_tok = s.integer("tokens", 1, MAX_SHARD_POSITIONS)
+        n_doc = s.integer("documents", 1, n_tok)
+        n = s.integer("positions", n_tok + n_doc, n_tok + n_doc)
+        sep = s.integer("sep", 1, vocab_size)
+        tw = s.integer("token_bits", bits_for(sep), bits_for(sep))
+        sw = s.integer("sa_bits", bits_for(max(n - 1, 1)), bits_for(max(n - 1, 1)))
+        block = s.integer("block_bytes", MIN_BLOCK_BYTES, MAX_BLOCK_BYTES)
+        if block & (block - 1):
+            s.fail("block_bytes", "must be a power of two", block)
+        shard_files = s.obj("files")
+        expected = {f"{name}/{x}" for x in SHARD_FILES}
+        if set(shard_files.data) != expected:
+            s.fail("files", f"must list exactly {sorted(expected)}", sorted(shard_files.data))
+        tok_bytes, sa_bytes = (n * tw + 7) // 8 + PAD, (n * sw + 7) // 8 + PAD
+        array_entry(shard_files, f"{name}/tokens.bin", "|u1", (tok_bytes,))
+        array_entry(shard_files, f"{name}/sa.bin", "|u1", (sa_bytes,))
+        array_entry(shard_files, f"{name}/vocab.bin", "<u4", (sep,))
+        array_entry(shard_files, f"{name}/tokens.crc", "<u4", (-(-tok_bytes // block),))
+        array_entry(shard_files, f"{name}/sa.crc", "<u4", (-(-sa_bytes // block),))
+        tokens += n_tok
+        documents += n_doc
+    if tokens != total_tokens:
+        f.fail("tokens", f"must be the shards' total {tokens}", total_tokens)
+    if documents != total_docs:
+        f.fail("documents", f"must be the shards' total {documents}", total_docs)
+
+
+def _as_context(context) -> np.ndarray:
+    """A query's context as ``int64 [L]``, or a ``TypeError``/``ValueError`` saying what it takes."""
+    if type(context) is np.ndarray and context.dtype == np.int64 and context.ndim == 1:
+        return context  # what the speculator passes: nothing to check
+    if isinstance(context, (list, tuple, range)):
+        try:
+            context = np.asarray(context)
+        except (ValueError, OverflowError) as err:
+            raise ValueError(f"context must be a 1-D sequence of token ids; {err}") from None
+    if not isinstance(context, np.ndarray):
+        raise TypeError(f"context must be a 1-D numpy array or list of token ids, got {type(context).__name__}")
+    if context.ndim != 1:
+        raise ValueError(f"context must be 1-D token ids, got an array of shape {context.shape}; pass one sequence")
+    if context.shape[0] == 0:
+        return np.zeros(0, np.int64)
+    if context.dtype == np.bool_ or not np.issubdtype(context.dtype, np.integer):
+        raise TypeError(f"context must hold integer token ids, got dtype {context.dtype}")
+    return context.astype(np.int64, copy=False)
+
+
+def _count(value, name: str, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
 
 
 class SuffixIndex:
@@ -346,33 +593,26 @@ class SuffixIndex:
         self._maps: list = []
         self._queries = 0
         self._lock = threading.Lock()  # queries fill the shards' top levels
+        self._stamps = itertools.count()
         self._bytes = sum(f["bytes"] for shard in manifest["shards"] for f in shard["files"].values())
 
     @classmethod
     def open(cls, root: str | Path, tokenizer=None, config: SuffixConfig | None = None) -> "SuffixIndex":
-        """Open an index directory in O(1): manifest, sizes and edge checksums are checked,
-        arrays are memory-mapped. With ``tokenizer``, refuse an index built with another."""
-        manifest = read_manifest(root, FORMAT, FORMAT_VERSION)
+        """Open an index directory in O(1) (plus its small files): the manifest is validated,
+        sizes and edge checksums checked, ``vocab.bin`` and the block checksums read whole,
+        the arrays memory-mapped. With ``tokenizer``, refuse an index built with another, or
+        holding ids it does not have."""
+        manifest = read_index_manifest(root)
         root = manifest.root
         config = config or SuffixConfig()
+        bound = manifest.data["tokenizer"]["vocab_size"]
         if tokenizer is not None:
-            check_tokenizer(manifest, tokenizer)
+            bound = min(bound, check_tokenizer(manifest, tokenizer)["vocab_size"])
         shards, maps = [], []
         for entry in manifest.data["shards"]:
-            files = entry["files"]
-            check_files(root, files)
-            names = {k.rsplit("/", 1)[-1]: k for k in files}
-            mapped = {short: open_array(root, full, files[full]) for short, full in names.items()}
-            maps.extend(m for m in mapped.values() if hasattr(m, "release"))
-            arrays = {short: getattr(m, "array", m) for short, m in mapped.items()}
-            levels = min(config.cached_levels, max(int(entry["positions"]).bit_length() - 1, 0))
-            shard = Shard(entry["name"], int(entry["positions"]), arrays["tokens.bin"], int(entry["token_bits"]),
-                          arrays["sa.bin"], int(entry["sa_bits"]), arrays["vocab.bin"], int(entry["sep"]),
-                          TopLevels.empty(levels, config.max_ngram))
-            _spot_check(root / entry["name"], shard)
+            shard, mapped = _open_shard(root, entry, bound, config)
             shards.append(shard)
-        if not shards:
-            raise IndexFormatError(f"{root}: the index has no shards")
+            maps.extend(mapped)
         index = cls(root, manifest.data, shards, config)
         index._maps = maps
         return index
@@ -395,8 +635,15 @@ class SuffixIndex:
     def n_documents(self) -> int:
         return int(self.manifest["documents"])
 
-    def query(self, context: np.ndarray, max_nodes: int = 64, max_depth: int | None = None) -> DraftTree:
-        """The draft tree for the tokens after ``context`` (global token ids)."""
+    def query(self, context: np.ndarray | Sequence[int], max_nodes: int = 64, max_depth: int | None = None) -> DraftTree:
+        """The draft tree for the tokens after ``context`` (``int64 [L]`` global token ids, or a
+        list of ints): at most ``max_nodes`` nodes, ``max_depth`` deep (default the config's).
+
+        Raises :class:`IndexFormatError` when a block the query read fails its checksum.
+        """
+        context = _as_context(context)
+        max_nodes = _count(max_nodes, "max_nodes")
+        max_depth = _count(max_depth, "max_depth", allow_none=True)
         cfg = self.config
         self._queries += 1
         try:
@@ -411,11 +658,20 @@ class SuffixIndex:
         if depth <= 0 or max_nodes <= 0 or context.shape[0] == 0:
             return DraftTree.empty()
         tail = np.asarray(context[-cfg.max_ngram :], np.int64)
+        pend = np.empty(PENDING + 1, np.int64)
+        pend[0] = 0
+        stamp = 2 + next(self._stamps) % ((1 << 32) - 2)  # never VERIFIED, never 0
         found = []
         for shard in self.shards:
-            with self._lock:
-                m, lo, hi = longest_suffix(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, shard.local(tail),
-                                           cfg.max_ngram, shard.top)
+            if shard.bad:
+                raise IndexFormatError(shard.bad)
+            top = shard.top
+            with self._lock:  # the kernels themselves (not their wrappers): this is the hot path
+                m, lo, hi = _longest_suffix(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, shard.local(tail),
+                                            cfg.max_ngram, top.tokens, top.length, top.filled, shard.tokens_state,
+                                            shard.sa_state, shard.block_shift, pend, stamp)
+            if pend[0]:  # blocks read for the first time (rare once a process is warm)
+                shard.verify_blocks(pend)
             if m >= cfg.min_ngram:
                 found.append((m, lo, hi, shard))
         if not found:
@@ -428,10 +684,13 @@ class SuffixIndex:
         for m, lo, hi, shard in found:
             take = max(1, (cfg.max_matches * (hi - lo)) // total)
             start = used
-            used += gather(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, lo, hi, m, take, depth, shard.sep, rows, used)
+            used += _gather(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, lo, hi, m, take, depth, shard.sep,
+                            rows, used, shard.tokens_state, shard.sa_state, shard.block_shift, pend, stamp)
+            if pend[0]:
+                shard.verify_blocks(pend)
             block = rows[start:used]
             valid = block >= 0
-            block[valid] = shard.vocab[block[valid]]  # back to global ids
+            block[valid] = shard.vocab[block[valid]]  # back to global ids (gather keeps local ids < sep)
         # counts as scores, +1 smoothing: one occurrence is weaker evidence than fifty
         return continuation_trie(rows[:used], None, root_conf=best / (best + 1.0), decay=0.95, smoothing=1.0, max_nodes=max_nodes)
 
@@ -468,11 +727,31 @@ class SuffixIndexSession:
         """Read-only datastore: nothing to learn."""
 
 
+def _open_shard(root: Path, entry: dict, id_bound: int, config: SuffixConfig) -> tuple[Shard, list]:
+    """Map one validated shard entry; read and check its small files."""
+    files, name = entry["files"], entry["name"]
+    check_files(root, files)
+    vocab = read_small_array(root, f"{name}/vocab.bin", files[f"{name}/vocab.bin"])
+    if vocab.shape[0] > 1 and not bool(np.all(vocab[1:] > vocab[:-1])):
+        raise IndexFormatError(f"{root / name / 'vocab.bin'}: token ids are not strictly increasing (corrupted)")
+    if int(vocab[-1]) >= id_bound:
+        raise IndexFormatError(f"{root / name / 'vocab.bin'}: holds token id {int(vocab[-1])}, beyond the tokenizer's {id_bound} ids")
+    crcs = {k: read_small_array(root, f"{name}/{k}", files[f"{name}/{k}"]) for k in ("tokens.crc", "sa.crc")}
+    mapped = {k: open_array(root, f"{name}/{k}", files[f"{name}/{k}"]) for k in ("tokens.bin", "sa.bin")}
+    arrays = {k: getattr(m, "array", m) for k, m in mapped.items()}
+    n = entry["positions"]
+    levels = min(config.cached_levels, max(n.bit_length() - 1, 0))
+    shard = Shard(name, n, arrays["tokens.bin"], entry["token_bits"], arrays["sa.bin"], entry["sa_bits"], vocab, entry["sep"],
+                  TopLevels.empty(levels, config.max_ngram), confined(root, name), entry["block_bytes"].bit_length() - 1,
+                  crcs["tokens.crc"], crcs["sa.crc"], np.zeros(crcs["tokens.crc"].shape[0], np.uint32),
+                  np.zeros(crcs["sa.crc"].shape[0], np.uint32))
+    _spot_check(shard.path, shard)
+    return shard, [m for m in mapped.values() if hasattr(m, "release")]
+
+
 def _spot_check(path: Path, shard: Shard, samples: int = 16) -> None:
     """O(1) structural checks: suffix-array entries in range and locally sorted."""
     n = shard.n
-    if shard.tokens.shape[0] < (n * shard.token_bits + 7) // 8 or shard.sa.shape[0] < (n * shard.sa_bits + 7) // 8:
-        raise IndexFormatError(f"{path}: arrays too short for {n} positions")
     if n < 2:
         return
     rows = np.linspace(0, n - 2, num=min(samples, n - 1)).astype(np.int64)
@@ -487,37 +766,105 @@ def _spot_check(path: Path, shard: Shard, samples: int = 16) -> None:
             raise IndexFormatError(f"{path}: suffix array out of order at row {row} (corrupted)")
 
 
-def verify_index(root: str | Path) -> dict:
-    """Full check: every byte against its sha256, and the whole suffix array sorted."""
-    manifest = read_manifest(root, FORMAT, FORMAT_VERSION)
+def check_docs_db(root: Path, manifest: dict) -> int:
+    """Full check of an index's ``docs.sqlite``: its sha256, SQLite's own integrity check,
+    and one row per document; return the rows."""
+    check_files(root, manifest["files"], full=True)
+    return sqlite_rows(confined(root, DOCS_DB), "documents", manifest["documents"])
+
+
+def sqlite_rows(path: Path, table: str, expected: int | None = None) -> int:
+    """Rows of ``table`` in the SQLite file ``path`` (opened read-only) after
+    ``PRAGMA integrity_check``; ``IndexFormatError`` for anything SQLite cannot read."""
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        try:
+            verdict = con.execute("PRAGMA integrity_check").fetchone()
+            if not verdict or verdict[0] != "ok":
+                raise IndexFormatError(f"{path}: SQLite integrity check failed ({verdict and str(verdict[0])[:120]})")
+            rows = con.execute(f"SELECT count(*) FROM [{table}]").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise IndexFormatError(f"{path}: not a readable SQLite database ({err})") from None
+    if expected is not None and rows != expected:
+        raise IndexFormatError(f"{path}: {rows} rows in table {table}, the manifest says {expected}")
+    return rows
+
+
+def _sa_check_py(tok, tw, sa, sw, n):
+    """``_sa_check`` for interpreted kernels: the same test, vectorised a chunk at a time."""
+    if n == 0:
+        return 0
+    pos = _unpack_py(sa, sw, 0, n)
+    if (pos.max() >= n or np.count_nonzero(np.bincount(pos, minlength=n)) != n):
+        seen = np.zeros(n, np.bool_)
+        for row, p in enumerate(pos.tolist()):
+            if p >= n or seen[p]:
+                return row + 1
+            seen[p] = True
+    rank = np.full(n + 1, -1, np.int64)
+    rank[pos] = np.arange(n)
+    ids = _unpack_py(tok, tw, 0, n)
+    chunk = 1 << 20
+    for lo in range(1, n, chunk):
+        hi = min(lo + chunk, n)
+        a, b = pos[lo - 1 : hi - 1], pos[lo:hi]
+        ta, tb = ids[a], ids[b]
+        bad = (ta > tb) | ((ta == tb) & (rank[a + 1] >= rank[b + 1]))
+        if bad.any():
+            return lo + int(np.argmax(bad)) + 1
+    return 0
+
+
+@njit(py=_sa_check_py)
+def _sa_check(tok, tw, sa, sw, n):
+    """0 when ``sa`` is the sorted suffix array of ``tok[:n]``, else 1 + the first bad row.
+
+    The linear-time test of Burkhardt and Kärkkäinen (2003): ``sa`` is correct iff it is a
+    permutation of ``0..n-1`` and, for every row ``r``, with ``a, b = sa[r-1], sa[r]``:
+    ``tok[a] < tok[b]``, or ``tok[a] == tok[b]`` and the suffix after ``a`` ranks below the
+    one after ``b`` (``rank[n] = -1``: the empty suffix sorts first). By induction on the
+    suffix length every adjacent pair is then in order, with O(1) work per row — no
+    character-by-character comparison, so repeated text costs nothing extra.
+    """
+    rank = np.full(n + 1, -1, np.int32)
+    for row in range(n):
+        p = bits_get(sa, row, sw)
+        if p >= n or rank[p] >= 0:
+            return row + 1
+        rank[p] = row
+    for row in range(1, n):
+        a = bits_get(sa, row - 1, sw)
+        b = bits_get(sa, row, sw)
+        ta = bits_get(tok, a, tw)
+        tb = bits_get(tok, b, tw)
+        if ta > tb or (ta == tb and rank[a + 1] >= rank[b + 1]):
+            return row + 1
+    return 0
+
+
+def verify_index(root: str | Path, tokenizer=None) -> dict:
+    """Full check: every byte against its sha256 and block crc32s, every token id, the
+    separators, ``docs.sqlite``, and the whole suffix order (O(n), see ``_sa_check``)."""
+    manifest = read_index_manifest(root)
     checked = 0
     for entry in manifest.data["shards"]:
         check_files(manifest.root, entry["files"], full=True)
-    index = SuffixIndex.open(root)
-    for shard in index.shards:
-        if not bool(_sa_sorted(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n)):
-            raise IndexFormatError(f"{index.root / shard.name}: suffix array is not a sorted permutation (corrupted)")
-        if shard.n and int(shard.token_ids().max()) > shard.sep:
-            raise IndexFormatError(f"{index.root / shard.name}: token ids beyond the shard vocabulary")
+    check_docs_db(manifest.root, manifest.data)
+    index = SuffixIndex.open(root, tokenizer=tokenizer)
+    for shard, entry in zip(index.shards, manifest.data["shards"]):
+        for file, data, crcs in (("tokens.bin", shard.tokens, shard.tokens_crc), ("sa.bin", shard.sa, shard.sa_crc)):
+            bad = np.flatnonzero(block_crcs(data, 1 << shard.block_shift) != crcs)
+            if bad.size:
+                raise IndexFormatError(f"{shard.path / file}: block {int(bad[0])} does not match its checksum (corrupted)")
+        row = int(_sa_check(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n))
+        if row:
+            raise IndexFormatError(f"{shard.path}: suffix array is not the sorted permutation at row {row - 1} (corrupted)")
+        ids = shard.token_ids()
+        if int(ids.max()) > shard.sep:
+            raise IndexFormatError(f"{shard.path}: token ids beyond the shard vocabulary")
+        if int(ids[-1]) != shard.sep or int(np.count_nonzero(ids == shard.sep)) != entry["documents"]:
+            raise IndexFormatError(f"{shard.path}: document separators do not match the manifest's {entry['documents']} documents")
         checked += shard.n
     return {"tokens_checked": checked, "shards": len(index.shards)}
-
-
-@njit()
-def _sa_sorted(tok, tw, sa, sw, n):
-    seen = np.zeros(n, np.bool_)
-    for row in range(n):
-        p = bits_get(sa, row, sw)
-        if p < 0 or p >= n or seen[p]:
-            return False
-        seen[p] = True
-        if row > 0:
-            q = bits_get(sa, row - 1, sw)
-            j = 0
-            while q + j < n and p + j < n and bits_get(tok, q + j, tw) == bits_get(tok, p + j, tw):
-                j += 1
-            # suffix q must sort below suffix p: q ends first, or differs with a smaller token
-            if p + j < n and (q + j >= n or bits_get(tok, q + j, tw) < bits_get(tok, p + j, tw)):
-                continue
-            return False
-    return True

@@ -17,10 +17,8 @@ or a GPU shared with another process, shrinks the trees.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -183,11 +181,3 @@ def choose_budget(scores: np.ndarray, cost: StepCost, max_budget: int) -> int:
         return 0
     best_first = np.sort(scores)[::-1][:max_budget].astype(np.float64)
     return choose_nodes([best_first], range(best_first.shape[0] + 1), lambda slots: float(cost(slots)))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

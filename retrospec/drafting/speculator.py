@@ -12,6 +12,13 @@ the calibrator which of each source's tested nodes were accepted.
 
 Nothing here runs the target model: the step cost that ``budget="auto"`` needs is measured
 where the model is (:mod:`retrospec.verify.step_cost`) and handed in.
+
+Fault isolation: a draft never changes the output, so no source may take generation down.
+A source whose session raises (in ``start_request``, ``propose``, ``propose_with`` or
+``observe``), or proposes a tree that breaks the invariants (token ids outside the model's
+vocabulary, NaN, infinite or negative scores, more nodes than asked for, parents that do
+not come first), is switched off for the rest of the request with one logged warning, and
+drafting goes on with the others.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 from retrospec.drafting.budget import choose_nodes
 from retrospec.drafting.calibration import Calibrator, conditional_scores, path_scores
 from retrospec.sources.base import Source, Verified, adjusts_logits, rescores_others
-from retrospec.tree import DraftTree, cap_depth, fuse_with_index, prune_with_index
+from retrospec.tree import ROOT, DraftTree, cap_depth, fuse_with_index, prune_with_index
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +124,53 @@ class Speculator:
         came with it, for document sources). ``cost(slots)`` is the step's seconds with
         ``slots`` per row, for ``budget="auto"`` in :meth:`SpecSession.draft`."""
         prompt = np.asarray(prompt, np.int64)
-        return SpecSession(self, [s.start_request(prompt, documents) for s in self.sources], cost)
+        sessions, failed = [], []
+        for k, source in enumerate(self.sources):
+            try:
+                sessions.append(source.start_request(prompt, documents))
+            except Exception as err:  # a datastore fault must not fail the request: the source sits it out
+                sessions.append(None)
+                failed.append((k, _raised("start_request", err)))
+        session = SpecSession(self, sessions, cost, vocab_size(model))
+        for k, why in failed:
+            session.switch_off(k, why)
+        return session
+
+
+def vocab_size(model) -> int | None:
+    """Rows of ``model``'s output embeddings (the ids a draft may hold), or None without a model."""
+    head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def _raised(method: str, err: Exception) -> str:
+    return f"{method} raised {type(err).__name__}: {err}"
+
+
+def tree_fault(tree, max_nodes: int, vocab: int | None) -> str | None:
+    """What is wrong with a source's proposal, or None if it keeps the invariants the
+    speculator relies on (see the module docstring)."""
+    if not isinstance(tree, DraftTree):
+        return f"proposed a {type(tree).__name__}, not a DraftTree"
+    arrays = (tree.tokens, tree.parents, tree.scores, tree.sources)
+    if not all(isinstance(a, np.ndarray) and a.ndim == 1 for a in arrays) or len({a.shape[0] for a in arrays}) != 1:
+        return "proposed a tree whose arrays are not 1-D of one length"
+    n = tree.tokens.shape[0]
+    if n > max_nodes:
+        return f"proposed {n} nodes, more than the {max_nodes} asked for"
+    if n == 0:
+        return None
+    if not (np.issubdtype(tree.tokens.dtype, np.integer) and np.issubdtype(tree.parents.dtype, np.integer)):
+        return f"proposed token ids or parents that are not integers ({tree.tokens.dtype}, {tree.parents.dtype})"
+    low, high = int(tree.tokens.min()), int(tree.tokens.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        return f"proposed token id {low if low < 0 else high}, outside the model's vocabulary [0, {vocab})"
+    if not (np.all(tree.parents >= ROOT) and np.all(tree.parents < np.arange(n))):
+        return "proposed a tree whose parents do not come before their children"
+    if not np.issubdtype(tree.scores.dtype, np.floating) or not np.all(np.isfinite(tree.scores)) or np.any(tree.scores < 0):
+        return "proposed NaN, infinite or negative scores"
+    return None
 
 
 class Proposal(NamedTuple):
@@ -135,10 +188,12 @@ class Proposal(NamedTuple):
 class SpecSession:
     """One request's drafting state: the source sessions and the last step's bookkeeping."""
 
-    def __init__(self, speculator: Speculator, sessions: list, cost: Callable[[int], float] | None):
+    def __init__(self, speculator: Speculator, sessions: list, cost: Callable[[int], float] | None, vocab: int | None = None):
         self.speculator = speculator
         self.sessions = sessions
         self.cost = cost
+        self.vocab = vocab  # the model's vocabulary size (None: token ids are not checked)
+        self.off = [False] * len(sessions)  # sources switched off for this request
         # per source: (raw conditional scores, depths, fused index) of the proposal; after
         # prune: the verified slot of each source node (-1: not verified)
         self._proposed: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -150,18 +205,34 @@ class SpecSession:
         """Every source's tree for the tokens after ``context``, calibrated and fused."""
         spec, cfg = self.speculator, self.speculator.config
         depth_cap = min(max_depth, cfg.max_depth)
-        # 1) every source proposes; a scorer (a draft model) then rescores the others' trees
+        # 1) every source proposes; a scorer (a draft model) then rescores the others' trees.
+        #    A source that fails or breaks the tree invariants is switched off (see the module docstring).
         proposals: list[DraftTree | None] = [None] * len(self.sessions)
-        scorers = [k for k, s in enumerate(self.sessions) if rescores_others(s)]
+        scorer = [rescores_others(session) for session in self.sessions]
         for k, session in enumerate(self.sessions):
-            if k not in scorers:
-                proposals[k] = cap_depth(session.propose(context, cfg.source_nodes, depth_cap), depth_cap)
-        for k in scorers:
-            others = [j for j in range(len(self.sessions)) if j not in scorers]
-            own, rescored = self.sessions[k].propose_with(context, [proposals[j] for j in others], cfg.source_nodes, depth_cap)
-            proposals[k] = cap_depth(own, depth_cap)
-            for j, tree in zip(others, rescored):
-                proposals[j] = tree
+            if not self.off[k] and not scorer[k]:
+                try:
+                    tree = session.propose(context, cfg.source_nodes, depth_cap)
+                except Exception as err:
+                    self.switch_off(k, _raised("propose", err))
+                    continue
+                if self._accept(k, tree):
+                    proposals[k] = cap_depth(tree, depth_cap)
+        for k, session in enumerate(self.sessions):
+            if not self.off[k] and scorer[k]:
+                others = [j for j, t in enumerate(proposals) if t is not None and not scorer[j]]
+                try:
+                    own, rescored = session.propose_with(context, [proposals[j] for j in others], cfg.source_nodes, depth_cap)
+                    rescored = list(rescored)
+                except Exception as err:
+                    self.switch_off(k, _raised("propose_with", err))
+                    continue
+                if not self._accept(k, own) or not self._accept_rescored(k, [proposals[j] for j in others], rescored):
+                    continue
+                proposals[k] = cap_depth(own, depth_cap)
+                for j, tree in zip(others, rescored):
+                    proposals[j] = tree
+        proposals = [DraftTree.empty() if tree is None else tree for tree in proposals]
         # 2) calibrate each source's scores, 3) fuse
         trees, raws, depths = [], [], []
         for k, tree in enumerate(proposals):
@@ -209,10 +280,44 @@ class SpecSession:
         scores = proposal.best_first[:cap]
         return choose_nodes([scores], range(scores.shape[0] + 1), self.cost)
 
+    def switch_off(self, k: int, why: str) -> None:
+        """Switch source ``k`` off for the rest of the request, with one warning naming it
+        (and the file, for a datastore)."""
+        if self.off[k]:
+            return
+        self.off[k] = True
+        source = self.speculator.sources[k]
+        where = getattr(source, "root", None) or getattr(getattr(source, "store", None), "root", None) or getattr(source, "path", None)
+        log.warning("draft source %r%s is off for the rest of this request (the output is unaffected): %s",
+                    source.name, f" ({where})" if where else "", why)
+
+    def _accept(self, k: int, tree) -> bool:
+        fault = tree_fault(tree, self.speculator.config.source_nodes, self.vocab)
+        if fault is not None:
+            self.switch_off(k, fault)
+        return fault is None
+
+    def _accept_rescored(self, k: int, originals: list[DraftTree], rescored: list) -> bool:
+        """A scorer may change the scores of the others' trees, nothing else."""
+        same = len(rescored) == len(originals) and all(
+            isinstance(r, DraftTree) and r.tokens.shape == o.tokens.shape and np.array_equal(r.tokens, o.tokens)
+            and np.array_equal(r.parents, o.parents) for r, o in zip(rescored, originals))
+        fault = None if same else "rescored the other sources' trees into different trees"
+        for tree in rescored if same else ():
+            fault = fault or tree_fault(tree, max(len(tree), 1), self.vocab)
+        if fault is not None:
+            self.switch_off(k, fault)
+        return fault is None
+
     def observe(self, step: Verified) -> None:
         """Pass the verification outcome to the sources and to the calibrator."""
-        for session in self.sessions:
-            session.observe(step)
+        for k, session in enumerate(self.sessions):
+            if self.off[k]:
+                continue
+            try:
+                session.observe(step)
+            except Exception as err:
+                self.switch_off(k, _raised("observe", err))
         if not self.speculator.config.calibrate or not self._last:
             return
         on_path = np.zeros(step.slot_tokens.shape[0], bool)
@@ -228,14 +333,14 @@ class SpecSession:
     @property
     def adjusts_logits(self) -> bool:
         """Whether a source changes the target's distribution (lossy, opt-in)."""
-        return any(adjusts_logits(s) for s in self.sessions)
+        return any(not off and adjusts_logits(s) for s, off in zip(self.sessions, self.off))
 
     def adjust_logits(self, context: np.ndarray, slot_tokens: np.ndarray, parent_slots: np.ndarray, logits):
         """Let sources that change the target's distribution do so (RAPID's knowledge
         transfer: lossy, opt-in; every other source leaves the logits untouched).
         ``context`` ends with the root token (slot 0)."""
-        for session in self.sessions:
-            if adjusts_logits(session):
+        for k, session in enumerate(self.sessions):
+            if not self.off[k] and adjusts_logits(session):
                 logits = session.adjust_logits(context, slot_tokens, parent_slots, logits)
         return logits
 

@@ -22,22 +22,15 @@ output different.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import os
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from retrospec.datastores.recycling import EMPTY, FORMAT_VERSION, load_matrix, save_matrix  # noqa: F401 (re-exported)
 from retrospec.jit import njit
 from retrospec.sources.base import Verified
 from retrospec.tree import ROOT, DraftTree, path_products, subtree
-
-FORMAT_VERSION = 1
-EMPTY = -1
-"""A matrix entry with no candidate yet."""
 
 
 def _level(parents: list[tuple[int, ...]], ranks_by_parent: Sequence[int]) -> list[tuple[int, ...]]:
@@ -107,6 +100,7 @@ class TokenRecycling:
         self.topk_wanted = k
         self.template = template
         self.fingerprint = fingerprint
+        self.path: Path | None = None  # the file it was loaded from, for messages
         self.matrix = np.full((vocab_size, k), EMPTY, np.int32)
         # template as flat arrays: each node's template parent and rank
         index = {path: i for i, path in enumerate(template)}
@@ -161,44 +155,29 @@ class TokenRecycling:
             order = np.concatenate([order[~on_path], order[on_path]])
         tokens = slot_tokens[order]
         valid = (tokens >= 0) & (tokens < self.matrix.shape[0])
+        rows = np.asarray(topk[order[valid], : self.k])
+        # a model whose logits are wider than the matrix must not plant ids the BFS cannot follow
+        rows = np.where((rows >= 0) & (rows < self.matrix.shape[0]), rows, EMPTY)
         # numpy assigns repeated indices in order: the last write of a row wins
-        self.matrix[tokens[valid]] = topk[order[valid], : self.k]
+        self.matrix[tokens[valid]] = rows
 
     # -- persistence ------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write the matrix as a versioned ``.npz`` (atomically; no pickle)."""
-        meta = {"format_version": FORMAT_VERSION, "k": self.k, "vocab_size": int(self.matrix.shape[0]),
-                "fingerprint": self.fingerprint, "template": [list(p) for p in self.template]}
-        buf = io.BytesIO()
-        np.savez(buf, matrix=self.matrix, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+    def save(self, path: str | Path, *, force: bool = False) -> None:
+        """Write the matrix as a versioned ``.npz`` (atomically; no pickle). ``path`` may be
+        absent or a Token Recycling file; anything else only with ``force`` (see
+        :func:`retrospec.datastores.recycling.save_matrix`)."""
+        save_matrix(path, self.matrix, self.fingerprint, self.template, force=force)
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "TokenRecycling":
-        """Read a matrix written by :meth:`save`; with ``model``, refuse one made for another model."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(bytes(data["meta"]).decode())
-                matrix = np.array(data["matrix"])
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            raise ValueError(f"{path}: not a readable Token Recycling file ({err})") from None
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path}: format version {meta.get('format_version')} is newer than this retrospec reads ({FORMAT_VERSION})")
-        if matrix.shape != (meta["vocab_size"], meta["k"]) or matrix.dtype != np.int32:
-            raise ValueError(f"{path}: matrix is {matrix.dtype}{list(matrix.shape)}, the header says int32[{meta['vocab_size']}, {meta['k']}]")
-        rec = cls(meta["vocab_size"], meta["k"], meta["template"], fingerprint=meta["fingerprint"])
-        if model is not None:
-            expected = model_fingerprint(model)
-            if meta["fingerprint"] and meta["fingerprint"] != expected:
-                raise ValueError(f"{path}: made for another model (fingerprint {meta['fingerprint']}, this model {expected})")
-        rec.matrix[:] = matrix
+        """Read a matrix written by :meth:`save`, every value checked; with ``model``, refuse
+        one made for another model (or carrying no fingerprint) or of another size."""
+        expected = model_fingerprint(model) if model is not None else None
+        rows = model.get_output_embeddings().weight.shape[0] if model is not None else None
+        data = load_matrix(path, expected, rows)
+        rec = cls(data.vocab_size, data.k, data.template, fingerprint=data.fingerprint)
+        rec.matrix[:] = data.matrix
+        rec.path = Path(path)
         return rec
 
 
@@ -218,8 +197,10 @@ def _bfs(matrix, parent, rank, root_token, max_depth):
             source, depth[i] = tokens[p], depth[p] + 1
         else:
             continue
+        if source < 0 or source >= matrix.shape[0] or rank[i] >= matrix.shape[1]:
+            continue  # never index outside the matrix, whatever was written into it
         token = matrix[source, rank[i]]
-        if token != EMPTY and depth[i] <= max_depth:
+        if 0 <= token < matrix.shape[0] and depth[i] <= max_depth:  # EMPTY (or garbage): no candidate
             tokens[i], alive[i] = token, True
     return tokens, alive
 

@@ -190,6 +190,10 @@ def build(name: str, model, tokenizer, options) -> BatchMethod:
 def run_batch_bench(options, model, tokenizer) -> dict:
     """Every method at every batch size of ``options.batch_sizes``; writes ``batch.json``,
     ``batch.md`` and ``batch.png`` under ``options.out`` and returns the document."""
+    from retrospec.datastores.files import check_out_folder
+    from retrospec.tools.bench import OUTPUTS
+
+    check_out_folder(Path(options.out), OUTPUTS)  # before the run, not after
     records = load_prompts(options.data, options.per_category, list(options.categories) or None)[: options.limit]
     prompts = [render(tokenizer, [{"role": "user", "content": r.turns[0]}], raw=r.raw)[0].tolist() for r in records]
     methods = [build(name, model, tokenizer, options) for name in options.methods]
@@ -249,10 +253,12 @@ def _timed(method: BatchMethod, prompts, batch: int, cell: Cell, outputs: list, 
 
 
 def write_batch_outputs(doc: dict, options, model) -> None:
+    from retrospec.datastores.files import write_atomic
+
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "batch.json").write_text(json.dumps(doc, indent=1))
-    (out / "batch.md").write_text(batch_markdown(doc, options, model))
+    write_atomic(out / "batch.json", json.dumps(doc, indent=1).encode())
+    write_atomic(out / "batch.md", batch_markdown(doc, options, model).encode())
     plot_batch(doc, out / "batch.png")
     log.info("bench: wrote %s/batch.md", out)
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 import retrospec
 from retrospec.compat import pad_token_id
+from retrospec.datastores.files import check_out_folder, write_atomic
 from retrospec.tools.prompts import PromptRecord, load_prompts, render
 from retrospec.buffers import layer_windows
 from retrospec.drafting.speculator import AUTO, Speculator
@@ -364,13 +365,17 @@ class BenchResult:
 def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
     """Run the benchmark and write ``results.json``, ``report.md``, ``speedup.png``,
     ``details.json`` (per-method timings and attribution) and ``outputs.jsonl`` under
-    ``options.out``. ``model``/``tokenizer`` may be passed in."""
+    ``options.out``. ``model``/``tokenizer`` may be passed in.
+
+    ``options.out`` may be absent or a folder holding only those files (an earlier run's,
+    replaced file by file); anything else there is refused before the run starts."""
     if options.batch_sizes:
         raise ValueError("batch sizes are measured by run_batch_bench (retrospec.tools.batch_bench)")
     if REFERENCE not in options.methods:
         raise ValueError(f"methods must include {REFERENCE!r}: it is the reference for speedup and identity")
     for name in options.methods:
         check_method(name)
+    check_out_folder(Path(options.out), OUTPUTS)  # before hours of benchmarking, not after
     torch.set_num_threads(options.threads)
     if model is None:
         model, tokenizer = retrospec.load_model(options.model, options.dtype, device=options.device)
@@ -480,16 +485,18 @@ def _accumulate_details(details: dict, stats: retrospec.SpecStats) -> None:
         details["seconds"][key] = details["seconds"].get(key, 0.0) + value
 
 
+OUTPUTS = ("results.json", "outputs.jsonl", "report.md", "details.json", "speedup.png", "batch.json", "batch.md", "batch.png")
+"""What a bench output folder holds (``--out`` holding anything else is refused)."""
+
+
 def write_outputs(result: BenchResult, options: BenchOptions, model) -> None:
     out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_folder(out, OUTPUTS)
     doc = result.to_json()
-    (out / "results.json").write_text(json.dumps(doc, indent=1))
-    with open(out / "outputs.jsonl", "w") as f:
-        for row in result.outputs:
-            f.write(json.dumps(row) + "\n")
-    (out / "report.md").write_text(report_markdown(doc, result, options, model))
-    (out / "details.json").write_text(json.dumps(result.details))
+    write_atomic(out / "results.json", json.dumps(doc, indent=1).encode())
+    write_atomic(out / "outputs.jsonl", "".join(json.dumps(row) + "\n" for row in result.outputs).encode())
+    write_atomic(out / "report.md", report_markdown(doc, result, options, model).encode())
+    write_atomic(out / "details.json", json.dumps(result.details).encode())
     plot_speedup(doc, out / "speedup.png")
     log.info("bench: wrote %s", out)
 
@@ -591,5 +598,5 @@ def plot_speedup(doc: dict, path: Path) -> None:
     ax.set_title(f"{doc['model']} ({doc['dtype']}) — bar labels: MAT")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, write=lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)

@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--methods", default="greedy,pld,retrospec", help="comma-separated: greedy, greedy-static, pld, assistant, retrospec, or sources joined by '+' "
                    "(context, suffix-index, recycling, documents, drafter); NAME@N gives a method its own budget (default: %(default)s)")
-    p.add_argument("--out", default="runs/bench", help="output directory (default: %(default)s)")
+    p.add_argument("--out", default="runs/bench", help="output directory: absent, or holding only an earlier run's "
+                   "results.json, outputs.jsonl, report.md, details.json and speedup.png (replaced); anything else is refused (default: %(default)s)")
     p.add_argument("--device", default="cpu")
     _add_store_args(p)
     p.add_argument("--batch-size", help="comma-separated batch sizes: throughput per batch size (the first turn of each prompt), "
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, FetchError) as err:
+    except (ValueError, OSError, FetchError) as err:
         log.error("%s", err)
         return 2
 

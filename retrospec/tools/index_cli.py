@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import time
+from pathlib import Path
 
 log = logging.getLogger("retrospec.index")
+
+OUT_HELP = (
+    "index directory. It may be absent, an empty folder, or an index of the same kind holding only its own files "
+    "(replaced atomically when the build completes); anything else is refused: see --force"
+)
+FORCE_HELP = (
+    "also replace a file, a symbolic link or an index of another kind at --out. A folder that holds files no "
+    "index manifest accounts for is never replaced, even with --force"
+)
+HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 def load_tokenizer(name_or_path: str):
@@ -18,21 +31,58 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(resolve(name_or_path))
 
 
+def local_tokenizer(name: str):
+    """The tokenizer an index names, found without the network, or a ``ValueError`` that
+    says how to get it.
+
+    Tried in order: a short name (already fetched), a local directory, the cache directory
+    of a short name on another machine (``.../models/smollm2-135m``), a hub id already in the
+    Hugging Face cache. Anything else would need a download, which a query never starts.
+    """
+    from transformers import AutoTokenizer
+
+    from retrospec.models import MODELS, is_fetched, model_dir
+
+    short = None
+    if name in MODELS:
+        short = name
+    elif Path(name).name in MODELS and not os.path.isdir(name):
+        short = Path(name).name
+    if short is not None:
+        if is_fetched(short):
+            return AutoTokenizer.from_pretrained(model_dir(short))
+        raise ValueError(f"the index's tokenizer {name!r} is model {short!r}, which is not fetched yet: run "
+                         f"`retrospec models fetch {short}`, or pass --tokenizer NAME_OR_DIR")
+    if os.path.isdir(name):
+        return AutoTokenizer.from_pretrained(name)
+    if re.fullmatch(HUB_ID, name):
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str):
+            return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    raise ValueError(
+        f"the index's tokenizer {name!r} is not available offline (not a short name, a local directory or in the "
+        f"Hugging Face cache); pass --tokenizer NAME_OR_DIR (a short name from `retrospec models list` or a "
+        f"directory), or download it first (e.g. `hf download {name}`)"
+    )
+
+
 def cmd_build(args) -> int:
-    from retrospec.datastores.suffix_build import BuildOptions, build_index
     from retrospec.datastores.corpus import DEFAULT_TREE_GLOBS, ReadOptions
+    from retrospec.datastores.suffix_build import BuildOptions, build_index
 
     tokenizer = load_tokenizer(args.tokenizer)
     if args.documents:
         from retrospec.datastores.documents import build_document_store
 
-        report = build_document_store(args.input, tokenizer, args.out, field=args.field, embedder=args.embedder, chunk_tokens=args.chunk_tokens)
+        report = build_document_store(args.input, tokenizer, args.out, field=args.field, embedder=args.embedder,
+                                      chunk_tokens=args.chunk_tokens, force=args.force)
         print(json.dumps(report, indent=1))
         return 0
     options = BuildOptions(shard_tokens=args.shard_tokens, shard_per_input=args.shard_per_input, add_eos=args.add_eos)
     read = ReadOptions(field=args.field, chat_template=args.chat_template, globs=tuple(args.glob or DEFAULT_TREE_GLOBS),
                        exclude=tuple(args.exclude or ()))
-    report = build_index(args.input, tokenizer, args.out, options, read, append=args.append)
+    report = build_index(args.input, tokenizer, args.out, options, read, append=args.append, force=args.force)
     print(report.summary())
     return 0
 
@@ -43,30 +93,38 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _kind(path: str) -> str | None:
+    from retrospec.datastores.files import IndexFormatError, peek_format
+
+    if not Path(path).is_dir():
+        raise IndexFormatError(f"{path}: no such index directory")
+    return peek_format(Path(path))
+
+
 def _open_any(path: str):
     """A suffix index or a document store, whichever ``path`` holds."""
-    from pathlib import Path
-
-    from retrospec.datastores.files import MANIFEST, IndexFormatError
-
-    manifest = Path(path) / MANIFEST
-    kind = json.loads(manifest.read_text()).get("format") if manifest.exists() else None
-    if kind == "retrospec-document-store":
+    if _kind(path) == "retrospec-document-store":
         from retrospec.datastores.documents import DocumentStore
 
         return DocumentStore.open(path)
     from retrospec.datastores.suffix_index import SuffixIndex
 
-    if kind is None and not Path(path).is_dir():
-        raise IndexFormatError(f"{path}: no such index directory")
     return SuffixIndex.open(path)
 
 
 def cmd_verify(args) -> int:
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    start = time.perf_counter()
+    if _kind(args.dir) == "retrospec-document-store":
+        from retrospec.datastores.documents import verify_store
+
+        result = verify_store(args.dir, tokenizer=tokenizer)
+        print(f"ok: {result['documents']:,} documents, {result['chunks']:,} chunks, every byte and the database checked "
+              f"in {time.perf_counter() - start:.1f}s")
+        return 0
     from retrospec.datastores.suffix_index import verify_index
 
-    start = time.perf_counter()
-    result = verify_index(args.dir)
+    result = verify_index(args.dir, tokenizer=tokenizer)
     print(f"ok: {result['shards']} shard(s), {result['tokens_checked']:,} tokens, every byte and the suffix order checked in {time.perf_counter() - start:.1f}s")
     return 0
 
@@ -76,12 +134,10 @@ def cmd_query(args) -> int:
 
     from retrospec.datastores.suffix_index import SuffixIndex
 
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        index = SuffixIndex.open(args.dir)
-        tokenizer = AutoTokenizer.from_pretrained(index.manifest["tokenizer"]["name"])
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        tokenizer = local_tokenizer(SuffixIndex.open(args.dir).manifest["tokenizer"]["name"])
     index = SuffixIndex.open(args.dir, tokenizer=tokenizer)
     ids = np.asarray(tokenizer(args.text, add_special_tokens=False).input_ids, np.int64)
     start = time.perf_counter()
@@ -99,7 +155,7 @@ def cmd_query(args) -> int:
 def cmd_merge(args) -> int:
     from retrospec.datastores.suffix_build import merge_indexes
 
-    print(json.dumps(merge_indexes(args.inputs, args.out), indent=1))
+    print(json.dumps(merge_indexes(args.inputs, args.out, force=args.force), indent=1))
     return 0
 
 
@@ -110,7 +166,8 @@ def add_index_parser(sub) -> None:
     b = isub.add_parser("build", help="build a suffix index (or, with --documents, a document store) from corpora")
     b.add_argument("--tokenizer", required=True, help="model short name, local directory or hub id whose tokenizer to use")
     b.add_argument("--input", nargs="+", required=True, help="JSONL(.gz) files, text files or directories of source files")
-    b.add_argument("--out", required=True, help="index directory (replaced atomically when the build completes)")
+    b.add_argument("--out", required=True, help=OUT_HELP)
+    b.add_argument("--force", action="store_true", help=FORCE_HELP)
     b.add_argument("--field", default="text", help="JSONL text field (default: %(default)s); chat records (conversations/messages) are detected")
     b.add_argument("--chat-template", action="store_true", help="render chat records with the tokenizer's chat template")
     b.add_argument("--glob", action="append", help="file pattern taken from directories (repeatable; default: common source and text files)")
@@ -129,18 +186,21 @@ def add_index_parser(sub) -> None:
     i.add_argument("--raw", action="store_true", help="print the whole manifest")
     i.set_defaults(func=cmd_info)
 
-    v = isub.add_parser("verify", help="full check: every checksum and the suffix order")
+    v = isub.add_parser("verify", help="full check: every checksum, every token id, the suffix order (O(n)) or the store's database")
     v.add_argument("dir")
+    v.add_argument("--tokenizer", help="also refuse an index built with another tokenizer or holding ids it lacks")
     v.set_defaults(func=cmd_verify)
 
     q = isub.add_parser("query", help="show the draft tree the index gives after a text")
     q.add_argument("dir")
     q.add_argument("text")
-    q.add_argument("--tokenizer", help="tokenizer to encode the text (default: the one the index was built with)")
+    q.add_argument("--tokenizer", help="tokenizer to encode the text (default: the one the index was built with, "
+                   "found locally: a fetched short name, a directory or the Hugging Face cache; never downloaded)")
     q.add_argument("--max-nodes", type=int, default=32)
     q.set_defaults(func=cmd_query)
 
     m = isub.add_parser("merge", help="join indexes built with the same tokenizer into one")
     m.add_argument("inputs", nargs="+")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, help=OUT_HELP)
+    m.add_argument("--force", action="store_true", help=FORCE_HELP)
     m.set_defaults(func=cmd_merge)

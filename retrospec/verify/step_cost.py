@@ -35,7 +35,8 @@ import torch
 
 from retrospec.buffers import layer_windows, tree_buffers
 from retrospec.compat import accepts, cache_kwarg
-from retrospec.drafting.budget import LiveCost, StepCost, write_atomic
+from retrospec.datastores.files import write_atomic
+from retrospec.drafting.budget import LiveCost, StepCost
 from retrospec.paths import cache_dir
 from retrospec.tree import DraftTree
 from retrospec.verify.cache import RowCache
@@ -139,8 +140,8 @@ def step_cost_for(model, *, batch: int = 1, refresh: bool = False, max_size: int
             if time.time() - cost.measured_at < MAX_AGE_DAYS * 86400:
                 return cost
             log.info("step cost cache %s is older than %d days; measuring again", path, MAX_AGE_DAYS)
-        except (ValueError, KeyError, TypeError) as err:
-            log.warning("ignoring unreadable step-cost cache %s (%s); measuring again", path, err)
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError, MemoryError) as err:  # what a damaged file can raise
+            log.warning("ignoring unreadable step-cost cache %s (%s); measuring again", path, f"{type(err).__name__}: {str(err)[:120]}")
     log.info("measuring the step cost of %s on %s, %d row(s)", type(model).__name__, next(model.parameters()).device, batch)
     # a batch's large trees never pay on a CPU and take long to time: measure the sizes a
     # batch of this many rows may choose (up to ~256 tokens a forward); the cost model
@@ -212,3 +213,10 @@ def forget_costs(model) -> None:
     for batch in BATCH_BUCKETS:
         path = cache_dir("step_cost") / f"{fingerprint(model, batch)}.json"
         path.unlink(missing_ok=True)
+
+
+def reset_live_costs() -> None:
+    """Forget every live cost of this process (the next request starts from the priors on
+    disk again); for tests and tools that change those files."""
+    with _live_lock:
+        _live.clear()
