@@ -185,6 +185,9 @@ class DocumentStore:
     """A built document store (see the module docstring); open with :meth:`open`."""
 
     def __init__(self, root: Path, manifest: dict):
+        from retrospec.extras import require
+
+        require("datastores", "a document store")
         import faiss
         import sqlite_utils
 
@@ -302,6 +305,9 @@ def build_document_store(
     progress: bool = True,
 ) -> dict:
     """Build a document store from corpus files (as ``index build``) or ``documents``."""
+    from retrospec.extras import require
+
+    require("datastores", "building a document store")
     import faiss
     import sqlite_utils
     from pyroaring import BitMap

@@ -19,6 +19,9 @@ def load_tokenizer(name_or_path: str):
 
 
 def cmd_build(args) -> int:
+    from retrospec.extras import require
+
+    require("datastores", "retrospec index build")
     from retrospec.datastores.suffix_build import BuildOptions, build_index
     from retrospec.datastores.corpus import DEFAULT_TREE_GLOBS, ReadOptions
 
