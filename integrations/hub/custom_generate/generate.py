@@ -53,6 +53,9 @@ def generate(model, inputs=None, generation_config=None, logits_processor=None, 
         raise ValueError("documents= needs the model's tokenizer: pass tokenizer= too")
     if speculator is None:
         speculator = default_speculator(model, tokenizer)
+    if documents and "documents" not in speculator.source_names:
+        # retrospec would ignore them without a word
+        raise ValueError(f"documents= needs a speculator with a document source; this one has {speculator.source_names}")
     stop_strings = kwargs.pop("stop_strings", None)
     if stop_strings:
         # generate() drops tokenizer= when custom_generate is a callable, so it could not
