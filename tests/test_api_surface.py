@@ -51,7 +51,8 @@ def test_verify_and_cache_primitives():
     model = tiny_model("llama")
     ids = repetitive_prompt(96, 12, 0)
     cache = new_cache()
-    model(input_ids=ids, cache=cache, use_cache=True)
+    # cache= is 5.24's name; 5.17 takes past_key_values and would silently drop cache=
+    model(input_ids=ids, use_cache=True, **{compat.cache_kwarg(model): cache})
     buffers = to_buffers(DraftTree.from_paths([[5, 6], [7]]), root_token=3, past_len=12)
     logits = forward_tree(model, cache, buffers)
     assert logits.shape == (4, 96) and cache.get_seq_length() == 16
