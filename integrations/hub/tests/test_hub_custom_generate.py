@@ -29,9 +29,9 @@ def chat_ids(tokenizer, text: str) -> torch.Tensor:
 
 
 def three_ways(model, ids, **kwargs):
-    """The folder through model.generate, retrospec.generate, and plain greedy."""
+    """The folder through model.generate (with its stats), retrospec.generate, and plain greedy."""
     base = dict(attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
-    hub = model.generate(ids, custom_generate=HUB, trust_remote_code=True, **base)
+    hub = model.generate(ids, custom_generate=HUB, trust_remote_code=True, return_dict_in_generate=True, **base)
     api = retrospec.generate(model, ids, **base).sequences
     plain = model.generate(ids, **base)
     return hub, api, plain
@@ -40,7 +40,7 @@ def three_ways(model, ids, **kwargs):
 def test_folder_equals_retrospec_and_plain_greedy_on_a_tiny_model(tiny):
     model, tok = tiny
     hub, api, plain = three_ways(model, chat_ids(tok, "Hello there"), max_new_tokens=24, pad_token_id=tok.eos_token_id)
-    assert torch.equal(hub, api) and torch.equal(hub, plain)
+    assert torch.equal(hub.sequences, api) and torch.equal(hub.sequences, plain)
 
 
 def test_extra_arguments_stats_streamer_documents_and_stop_strings(tiny):
@@ -97,8 +97,6 @@ def test_folder_equals_retrospec_and_plain_greedy_on_smollm2_fp32():
     prompt = ("Here is a function:\n\ndef mean(values):\n    total = 0\n    for v in values:\n        total += v\n"
               "    return total / len(values)\n\nRewrite it so that it returns 0.0 for an empty list.")
     ids = chat_ids(tok, prompt)
-    hub, api, plain = three_ways(model, ids, max_new_tokens=64, pad_token_id=tok.eos_token_id)
-    assert torch.equal(hub, api) and torch.equal(hub, plain)
-    out = model.generate(ids, custom_generate=HUB, trust_remote_code=True, attention_mask=torch.ones_like(ids),
-                         do_sample=False, max_new_tokens=64, return_dict_in_generate=True)
-    assert out.stats.mean_accepted > 1.5  # the rewrite copies most of the prompt
+    hub, api, plain = three_ways(model, ids, max_new_tokens=48, pad_token_id=tok.eos_token_id)
+    assert torch.equal(hub.sequences, api) and torch.equal(hub.sequences, plain)
+    assert hub.stats.mean_accepted > 1.5  # the rewrite copies most of the prompt
