@@ -88,4 +88,6 @@ class AssistantChain:
             row = torch.zeros(1, vocab, device=input_ids.device)
             row[0, token] = DRAFT_LOGIT
             scores.append(row)
-        return SimpleNamespace(sequences=torch.cat([input_ids, proposed], dim=1), scores=tuple(scores), cache=None)
+        # transformers 5.24 reads the assistant's cache as `.cache`, 5.17 as `.past_key_values`
+        return SimpleNamespace(sequences=torch.cat([input_ids, proposed], dim=1), scores=tuple(scores),
+                               cache=None, past_key_values=None)

@@ -181,6 +181,10 @@ def convert(gguf: Path, out_dir: Path) -> None:
     """Dequantise a GGUF checkpoint into a safetensors model directory (fp32) with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from retrospec.extras import require
+
+    require("models", f"converting {gguf.name} (a short-name model's first load)")
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # a GGUF-loaded model refuses save_pretrained while it still looks quantised

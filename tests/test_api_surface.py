@@ -56,13 +56,14 @@ def test_verify_and_cache_primitives():
     model = tiny_model("llama")
     ids = repetitive_prompt(96, 12, 0)
     cache = RowCache(model.config, batch=1, capacity=32)
+    ckw = {compat.cache_kwarg(model): cache}  # 5.24 says cache=; 5.17 takes past_key_values and would drop cache=
     positions, index, mask = prefill_buffers([12], 12, key_len=12, scratch=cache.scratch)
     cache.prepare(index, view=12)
-    model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True)
+    model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **ckw)
     buffers = to_buffers(DraftTree.from_paths([[5, 6], [7]]), root_token=3, past_len=12)
     cache.prepare(buffers.cache_index, view=16)
     logits = model(input_ids=buffers.input_ids, position_ids=buffers.position_ids, attention_mask=buffers.attention_mask,
-                   cache=cache, use_cache=True).logits[0]
+                   use_cache=True, **ckw).logits[0]
     assert logits.shape == (4, 96)
     plain_logits = model(torch.cat([ids, torch.tensor([[3, 7]])], 1)).logits[0, -2:]
     torch.testing.assert_close(logits[[0, 3]], plain_logits, rtol=1e-4, atol=1e-4)  # root, then node 7
@@ -73,7 +74,7 @@ def test_verify_and_cache_primitives():
     buffers = to_buffers(DraftTree.empty(), root_token=9, past_len=14)
     cache.prepare(buffers.cache_index, view=15)
     after = model(input_ids=buffers.input_ids, position_ids=buffers.position_ids, attention_mask=buffers.attention_mask,
-                  cache=cache, use_cache=True).logits[0, 0]
+                  use_cache=True, **ckw).logits[0, 0]
     torch.testing.assert_close(after, model(torch.cat([ids, torch.tensor([[3, 7, 9]])], 1)).logits[0, -1], rtol=1e-4, atol=1e-4)
 
 

@@ -33,3 +33,9 @@ def test_generate_hook_example():
 def test_build_index_example(tmp_path):
     out = run("build_index.py", "--conversations", "100", "--out", str(tmp_path / "idx"))
     assert "100 documents" in out and "query:" in out and "MAT" in out
+
+
+@pytest.mark.real
+def test_langchain_rag_example():
+    out = run("langchain_rag.py", "--questions", "2", "--max-new-tokens", "24")
+    assert "2/2 replies identical to plain greedy; 2/2 streamed == final" in out

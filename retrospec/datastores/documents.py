@@ -220,6 +220,9 @@ class DocumentStore:
     """A built document store (see the module docstring); open with :meth:`open`."""
 
     def __init__(self, root: Path, manifest: dict, dense=None):
+        from retrospec.extras import require
+
+        require("datastores", "a document store")
         import sqlite_utils
 
         self.root, self.manifest = root, manifest
@@ -353,6 +356,9 @@ def build_document_store(
     ``out`` may be absent, an empty folder or a document store (replaced atomically); with
     ``force`` also a file or an index of another kind; a folder of other files, never.
     """
+    from retrospec.extras import require
+
+    require("datastores", "building a document store")
     import faiss
     import sqlite_utils
     from pyroaring import BitMap

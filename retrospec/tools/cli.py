@@ -177,7 +177,10 @@ def _generate_list(args, model, tokenizer, speculator) -> int:
 
 # ----------------------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
+    from retrospec.extras import require
     from retrospec.tools.bench import BenchOptions, run_bench
+
+    require("plots", "retrospec bench (it draws speedup.png)")  # before the run, not after it
 
     options = BenchOptions(
         model=args.model, data=args.data, per_category=args.per_category, max_new_tokens=args.max_new_tokens,

@@ -68,6 +68,9 @@ def local_tokenizer(name: str):
 
 
 def cmd_build(args) -> int:
+    from retrospec.extras import require
+
+    require("datastores", "retrospec index build")
     from retrospec.datastores.corpus import DEFAULT_TREE_GLOBS, ReadOptions
     from retrospec.datastores.suffix_build import BuildOptions, build_index
 
