@@ -204,6 +204,10 @@ class Decoder:
         self.cost = cost if cost is not None else self._cost_model(refresh_cost)
         self.rows: list[Row | None] = [None] * self.verifier.batch
         self.plain_streak, self.plain_left = 0, 0
+        # on an asynchronous device the sources' updates run while it computes the next
+        # forward (their drafts lag one step); not when profiling, which times them apart
+        self.overlap = self.device.type == "cuda" and not config.profile
+        self.observing: list[tuple[object, list, Verified]] = []
 
     def _cost_model(self, refresh: bool) -> LiveCost | None:
         if self.spec.budget != AUTO:
@@ -343,64 +347,63 @@ class Decoder:
                 trees[id(row)] = DraftTree.empty()
             else:
                 trees[id(row)] = row.session.prune(proposal, min(nodes, cap))
-        # 4) verify: every cache row (finished and free ones as padding)
+        # 4) verify: every cache row (finished and free ones as padding); while the device
+        #    works, the sources learn from the previous step (8, deferred)
         empty = DraftTree.empty()
         batch_trees = [trees.get(id(r), empty) if r is not None else empty for r in rows]
         roots = [r.root if r is not None else 0 for r in rows]
         past = np.asarray([r.past if r is not None else 0 for r in rows], np.int64)
         width = max(len(t) for t in batch_trees)
         out = self.verifier.verify(batch_trees, roots, past, width, predict=self.greedy, topk=self.topk)
+        if self.overlap:
+            self._observe()
+        preds, top = out.host()  # the one device-to-host copy of the step
         self.clock.lap("forward")
-        # 5) accept
+        # 5) accept: the greedy walk of every plain row in one kernel call, the rest row by row
         layout = out.layout
-        accepted: list[np.ndarray | None] = [None] * len(rows)
-        outcomes = {}
-        for b, row in enumerate(rows):
-            if row is None or row.done:
+        live_idx = [b for b, r in enumerate(rows) if r is not None and not r.done]
+        outcomes: dict[int, tuple] = {}
+        walk = [b for b in live_idx if self.greedy and not rows[b].session.adjusts_logits]
+        if walk:
+            for b, acc in zip(walk, accept_greedy(layout.input_ids[walk], layout.parent_slots[walk], preds[walk], layout.sizes[walk])):
+                outcomes[b] = acc
+        for b in live_idx:
+            if b in outcomes:
                 continue
-            size = int(layout.sizes[b])
+            row, size = rows[b], int(layout.sizes[b])
             slot_tokens, parent_slots = layout.input_ids[b, :size], layout.parent_slots[b, :size]
             logits = out.logits[b, :size]
-            preds = out.preds[b : b + 1, :size] if out.preds is not None else None
             if row.session.adjusts_logits:
                 logits = row.session.adjust_logits(row.context(), slot_tokens, parent_slots, logits)
-                preds = predictions(logits[None])[0] if self.greedy else None
             if self.greedy:
-                acc = accept_greedy(slot_tokens[None], parent_slots[None], preds)[0]
+                outcomes[b] = accept_greedy(slot_tokens[None], parent_slots[None], predictions(logits[None])[0])[0]
             else:
-                acc = accept_walk(slot_tokens, parent_slots, logits, row.prefix(self.device), settings.logits_processor, settings.do_sample)
-            top = out.topk[b, :size] if out.topk is not None else None
-            outcomes[b] = (acc, slot_tokens, parent_slots, top)
+                outcomes[b] = accept_walk(slot_tokens, parent_slots, logits, row.prefix(self.device), settings.logits_processor, settings.do_sample)
         self.clock.lap("accept")
         # 6) commit (a stop may cut the block), stream, 7) keep the accepted slots
-        for b, (acc, slot_tokens, parent_slots, top) in outcomes.items():
-            row = rows[b]
+        accepted: list[np.ndarray | None] = [None] * len(rows)
+        for b in live_idx:
+            acc, row, size = outcomes[b], rows[b], int(layout.sizes[b])
             before = row.cur
             kept = row.commit(acc.tokens, settings, self.device)
             self._stream(row, acc.tokens[:kept])
-            stats = row.stats
-            stats.steps += 1
-            stats.new_tokens += kept
-            stats.drafted_nodes += int(slot_tokens.shape[0]) - 1
-            stats.record_step(kept)
             drafts = min(kept, acc.slots.shape[0] - 1)  # a stop may cut before the bonus
-            by_source, several = row.session.attribution(acc.slots[: 1 + drafts])
-            stats.accepted_drafts += drafts
-            stats.accepted_by_several += several
-            for name, count in by_source.items():
-                stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + count
+            row.stats.count_step(kept, size - 1, drafts, *row.session.attribution(acc.slots[: 1 + drafts]))
             if not row.done:
                 accepted[b] = acc.slots
-            outcomes[b] = (acc, slot_tokens, parent_slots, top, row.tokens[before : row.cur].copy())
+            self.observing.append((row.session, row.session.last_draft(), Verified(
+                slot_tokens=layout.input_ids[b, :size].copy(), parent_slots=layout.parent_slots[b, :size].copy(),
+                accepted_slots=acc.slots, committed=row.tokens[before : row.cur].copy(),
+                topk=top[b, :size].copy() if top is not None else None)))
         self.verifier.keep(past, accepted)
         for b, slots in enumerate(accepted):
             if slots is not None:
                 rows[b].past += slots.shape[0]
         self.clock.lap("commit")
-        # 8) update: the sources learn from what verification showed; the cost from the clock
-        for b, (acc, slot_tokens, parent_slots, top, committed) in outcomes.items():
-            rows[b].session.observe(Verified(slot_tokens=slot_tokens, parent_slots=parent_slots, accepted_slots=acc.slots,
-                                             committed=committed, topk=top))
+        # 8) update: the sources learn from what verification showed (now, or while the
+        #    device runs the next forward); the cost model learns from the clock
+        if not self.overlap:
+            self._observe()
         self.clock.lap("update")
         seconds = self.clock.end_step()
         self.batch_stats.forwards += 1
@@ -410,6 +413,12 @@ class Decoder:
         if any(r is not None and r.done for r in rows):
             self.finish()
 
+    def _observe(self) -> None:
+        """8) every row's sources and the calibrator learn from the last verification."""
+        for session, draft, step in self.observing:
+            session.observe(step, draft)
+        self.observing.clear()
+
     def run(self) -> tuple[list[Result], SpecStats]:
         try:
             self.admit()
@@ -417,6 +426,7 @@ class Decoder:
             self.finish()
             while any(r is not None and not r.done for r in self.rows):
                 self.step()
+            self._observe()
         finally:
             release_verifier(self.model, self.verifier)
         total = self.batch_stats

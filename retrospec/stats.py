@@ -49,6 +49,18 @@ class SpecStats:
     def mean_tree_size(self) -> float:
         return self.drafted_nodes / self.steps if self.steps else 0.0
 
+    def count_step(self, committed: int, drafted: int, accepted: int, by_source: dict[str, int], several: int) -> None:
+        """One verification step of one row: ``committed`` tokens, ``drafted`` nodes
+        verified, ``accepted`` of them kept, by source (``several``: proposed by more than one)."""
+        self.steps += 1
+        self.new_tokens += committed
+        self.drafted_nodes += drafted
+        self.record_step(committed)
+        self.accepted_drafts += accepted
+        self.accepted_by_several += several
+        for name, count in by_source.items():
+            self.accepted_by_source[name] = self.accepted_by_source.get(name, 0) + count
+
     def record_step(self, committed: int) -> None:
         while len(self.accepted_hist) <= committed:
             self.accepted_hist.append(0)

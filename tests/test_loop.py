@@ -53,7 +53,7 @@ class ScriptedVerifier:
         layout = tree_layout(trees, roots, past)
         logits = onehot(layout.input_ids)
         self.forwards.append(layout)
-        return StepOutput(layout, logits, logits.argmax(-1).numpy() if predict else None, None)
+        return StepOutput(layout, logits, logits.argmax(-1).numpy() if predict else None)
 
     def keep(self, past, accepted):
         self.kept.append(move_tables(past, accepted, 8, -1))

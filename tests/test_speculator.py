@@ -141,7 +141,7 @@ def test_live_cost_follows_the_machine():
     assert live(9, 1) == pytest.approx(0.012, rel=0.1)
 
 
-def test_a_damaged_step_cost_cache_is_measured_again(isolated_cache, caplog):
+def test_a_damaged_step_cost_cache_is_measured_again(isolated_cache, caplog, monkeypatch):
     """A cache file the budget code accepts but cannot use (a string among the seconds), or
     one too deeply nested for the JSON decoder, made generate() raise."""
     import logging
@@ -153,6 +153,8 @@ def test_a_damaged_step_cost_cache_is_measured_again(isolated_cache, caplog):
     from retrospec.verify import step_cost
     from retrospec.verify.step_cost import step_cost_for
 
+    monkeypatch.setattr(step_cost, "machine_busy", lambda: False)  # a measurement under load is never written back:
+    monkeypatch.setattr(step_cost, "BUSY_SPREAD", float("inf"))  # this test is about the damaged file
     model = tiny_model("llama")
     step_cost_for(model)
     (path,) = (isolated_cache / "step_cost").glob("*.json")

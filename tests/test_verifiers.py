@@ -51,12 +51,14 @@ def test_verifier_choice():
 
     model = tiny_model("llama")
     windows = {"full_attention": None}
-    auto, static = retrospec.VerifierConfig(), retrospec.VerifierConfig(mode="static")
+    auto, static = retrospec.VerifierConfig(), retrospec.VerifierConfig(mode="static", slot_options=(0, 8))
     assert isinstance(make_verifier(model, auto, windows, 1, 100, 16), DynamicVerifier)  # CPU: dynamic
     pool = VerifierPool.for_model(model)
     a = make_verifier(model, static, windows, 1, 300, 16)
     assert isinstance(a, StaticVerifier) and a.capacity == 1024  # cache sizes come in a few buckets
     assert a.node_options == (0, 8, 16)  # the configured sizes, capped by the budget
+    by_batch = retrospec.VerifierConfig(mode="static", slots=64)
+    assert by_batch.node_options(16, batch=1) == (16,) and by_batch.node_options(128, batch=16) == (0, 8, 32)
     b = make_verifier(model, static, windows, 1, 900, 16)
     assert b is not a  # a is still lent to its request: it holds that request's cache
     release_verifier(model, a)

@@ -309,8 +309,14 @@ class SpecSession:
             self.switch_off(k, fault)
         return fault is None
 
-    def observe(self, step: Verified) -> None:
-        """Pass the verification outcome to the sources and to the calibrator."""
+    def last_draft(self) -> list:
+        """What the calibrator needs of the last pruned tree, to pass to :meth:`observe` later
+        (after the next step has been drafted)."""
+        return self._last
+
+    def observe(self, step: Verified, draft: list | None = None) -> None:
+        """Pass the verification outcome to the sources and to the calibrator; ``draft``:
+        the :meth:`last_draft` of the step verified (default: the last one pruned)."""
         for k, session in enumerate(self.sessions):
             if self.off[k]:
                 continue
@@ -318,11 +324,12 @@ class SpecSession:
                 session.observe(step)
             except Exception as err:
                 self.switch_off(k, _raised("observe", err))
-        if not self.speculator.config.calibrate or not self._last:
+        last = self._last if draft is None else draft
+        if not self.speculator.config.calibrate or not last:
             return
         on_path = np.zeros(step.slot_tokens.shape[0], bool)
         on_path[step.accepted_slots] = True
-        for k, (raw, depth, slots) in enumerate(self._last):
+        for k, (raw, depth, slots) in enumerate(last):
             verified = slots >= 0
             if not verified.any():
                 continue

@@ -128,10 +128,20 @@ def measure_step_cost(model, *, batch: int = 1, sizes: tuple[int, ...] = DEFAULT
                     measured_at=time.time(), loaded=busy)
 
 
+def cache_path(model, batch: int = 1) -> Path:
+    """Where the step-cost prior of ``model`` for ``batch`` rows is kept."""
+    return cache_dir("step_cost") / f"{fingerprint(model, batch)}.json"
+
+
+def store(path: Path, cost: StepCost) -> None:
+    """Write a step-cost prior (atomically) where :func:`step_cost_for` reads it."""
+    write_atomic(path, json.dumps(asdict(cost)).encode())
+
+
 def step_cost_for(model, *, batch: int = 1, refresh: bool = False, max_size: int = max(DEFAULT_SIZES)) -> StepCost:
     """The cached step-cost prior of ``model`` for ``batch`` rows, measured when missing,
     expired, unreadable or ``refresh`` is asked (see the module docstring)."""
-    path = cache_dir("step_cost") / f"{fingerprint(model, batch)}.json"
+    path = cache_path(model, batch)
     if path.exists() and not refresh:
         try:
             data = json.loads(path.read_text())
@@ -153,7 +163,7 @@ def step_cost_for(model, *, batch: int = 1, refresh: bool = False, max_size: int
     if cost.loaded:
         log.warning("the machine was busy while measuring the step cost (%s): using it for this process only", summary)
     else:
-        write_atomic(path, json.dumps(asdict(cost)).encode())
+        store(path, cost)
         log.info("step cost: %s", summary)
     return cost
 
@@ -211,8 +221,7 @@ def forget_costs(model) -> None:
     with _live_lock:
         _live.pop(model, None)
     for batch in BATCH_BUCKETS:
-        path = cache_dir("step_cost") / f"{fingerprint(model, batch)}.json"
-        path.unlink(missing_ok=True)
+        cache_path(model, batch).unlink(missing_ok=True)
 
 
 def reset_live_costs() -> None:

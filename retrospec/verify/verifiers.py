@@ -23,7 +23,7 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 VERIFY_MODES = ("auto", "dynamic", "static", "graph", "compile")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SLOT_OPTIONS = ((2, (None,)), (8, (16, None)), (32, (0, 8, 32)), (1 << 30, (0, 4, 8, 16)))
+"""Tree sizes a static verifier captures by batch size: ``(most rows, sizes)``, ``None`` =
+the configured ``slots``. Small batches barely pay for a bigger tree, big ones do."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,11 @@ class VerifierConfig:
     for full-attention models, else dynamic)."""
     slots: int = 64
     """Most tree nodes per row and step of the static verifiers (an int budget lowers it)."""
-    slot_options: tuple[int, ...] = (0, 8, 32)
+    slot_options: tuple[int, ...] | None = None
     """Smaller tree sizes the static verifiers also capture (0: a plain decoding step), so
-    the budget can shrink trees as the batch grows; ``slots`` is always one of them."""
+    the budget can shrink trees as the batch grows; ``slots`` is always one of them.
+    ``None``: by batch size (:data:`SLOT_OPTIONS`) — each size is one more captured (and
+    compiled) step, so a batch of one, whose step costs the same for any tree, gets one."""
     profile: bool = False
     """Synchronise the device around each verification and record per-step host and device
     times in ``SpecStats`` (for measurements; it costs a little speed on GPUs)."""
@@ -61,7 +66,7 @@ class VerifierConfig:
     def __post_init__(self) -> None:
         if self.mode not in VERIFY_MODES:
             raise ValueError(f"verify mode must be one of {VERIFY_MODES}, got {self.mode!r}")
-        if self.slots < 0 or any(s < 0 for s in self.slot_options):
+        if self.slots < 0 or any(s < 0 for s in self.slot_options or ()):
             raise ValueError(f"slots and slot_options must be >= 0, got {self.slots}, {self.slot_options}")
 
     def resolved(self, model, windows: dict[str, int | None]) -> str:
@@ -78,26 +83,41 @@ class VerifierConfig:
             raise ValueError(f"verify mode {mode!r} needs the model on a CUDA device")
         return mode
 
-    def node_options(self, cap: int) -> tuple[int, ...]:
-        """Tree sizes (nodes per row) a static verifier captures, none above ``cap``."""
+    def node_options(self, cap: int, batch: int = 1) -> tuple[int, ...]:
+        """Tree sizes (nodes per row) a static verifier of ``batch`` rows captures, none above ``cap``.
+
+        >>> VerifierConfig(slots=64).node_options(128, batch=1), VerifierConfig(slots=64).node_options(128, batch=64)
+        ((64,), (0, 4, 8, 16))
+        """
         top = min(self.slots, cap)
-        return tuple(sorted({min(s, top) for s in self.slot_options} | {top}))
+        if self.slot_options is not None:
+            return tuple(sorted({min(s, top) for s in self.slot_options} | {top}))
+        options = next(o for rows, o in SLOT_OPTIONS if batch <= rows)
+        return tuple(sorted({min(s, top) if s is not None else top for s in options}))
 
 
-class StepOutput(NamedTuple):
+class StepOutput:
     """One verification forward: the layout that went in and what came out.
 
     Attributes:
         layout: the host tables of the step (:class:`~retrospec.buffers.TreeLayout`).
         logits: ``[B, S, V]`` on the device.
-        preds: ``int64 [B, S]`` each slot's argmax on the host (when asked for, else ``None``).
-        topk: ``int64 [B, S, k]`` its top-k (when asked for, else ``None``).
+
+    :meth:`host` waits for the forward and copies each slot's argmax ``int64 [B, S]`` (when
+    the step asked for them, else ``None``) and top-k ``int64 [B, S, k]`` (or ``None``) to the
+    host in one copy; until then the device may still be computing.
     """
 
-    layout: TreeLayout
-    logits: torch.Tensor
-    preds: np.ndarray | None
-    topk: np.ndarray | None
+    def __init__(self, layout: TreeLayout, logits: torch.Tensor, preds: np.ndarray | None = None,
+                 topk: np.ndarray | None = None, fetch: Callable[[], tuple] | None = None):
+        self.layout, self.logits = layout, logits
+        self._fetch = fetch
+        self._host = None if fetch is not None else (preds, topk)
+
+    def host(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if self._host is None:
+            self._host = self._fetch()
+        return self._host
 
 
 class Verifier(Protocol):
@@ -250,12 +270,12 @@ class DynamicVerifier(_Base):
         mask = attention_mask(to(layout.sees), past_t, past_t, positions, positions, view, self.windows, self.dtype)
         self.cache.prepare(past_t[:, None] + torch.arange(width, device=self.device)[None], view)
         logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{self.ckw: self.cache}).logits
-        preds = top = None
-        if predict:
-            preds, top = predictions(logits, topk)
-        elif topk:
-            top = logits.topk(topk, dim=-1).indices.cpu().numpy()
-        return StepOutput(layout, logits, preds, top)
+        def fetch():
+            if predict:
+                return predictions(logits, topk)
+            return None, logits.topk(topk, dim=-1).indices.cpu().numpy() if topk else None
+
+        return StepOutput(layout, logits, fetch=fetch)
 
     def rows_only(self, keep: Sequence[int]) -> bool:
         self._flush()
@@ -281,6 +301,12 @@ class _Graph:
         self.host_t = [torch.from_numpy(a) for a in (self.host.input_ids, self.host.positions, self.host.sees)]
         self.out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.graph = None
+        if v.compile:
+            from torch import _dynamo
+
+            # every (batch, slots, capacity) shape is one more compile of the same step: more
+            # than dynamo's default of 8 per function in a process that serves several batches
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 256)
         self.fn = torch.compile(self._step, dynamic=False) if v.compile else self._step
 
     def _step(self):
@@ -395,12 +421,13 @@ class StaticVerifier(_Base):
         if moved:
             self.move_src.fill_(self.cache.scratch)
             self.move_dst.fill_(self.cache.scratch)
-        host_preds = host_top = None
-        if predict or topk:  # one device-to-host copy
+        def fetch():
+            if not (predict or topk):
+                return None, None
             both = (torch.cat([preds[..., None], top], dim=-1) if top is not None else preds[..., None]).cpu().numpy()
-            host_preds = both[..., 0] if predict else None
-            host_top = both[..., 1 : 1 + topk] if topk else None
-        return StepOutput(layout, logits, host_preds, host_top)
+            return both[..., 0] if predict else None, both[..., 1 : 1 + topk] if topk else None
+
+        return StepOutput(layout, logits, fetch=fetch)
 
     def rows_only(self, keep: Sequence[int]) -> bool:
         return False  # fixed shapes: finished rows stay as padding (or the batch moves to a smaller bucket)
@@ -468,9 +495,9 @@ def make_verifier(model, config: VerifierConfig, windows: dict[str, int | None],
     mode = config.resolved(model, windows)
     if mode == "dynamic":
         return DynamicVerifier(model, windows, rows, length + cap + 2)
-    options = config.node_options(cap)
-    capacity = cache_bucket(length + options[-1] + 2)
     batch = batch_bucket(rows)
+    options = config.node_options(cap, batch)
+    capacity = cache_bucket(length + options[-1] + 2)
     graph = mode in ("graph", "compile")
 
     def build() -> StaticVerifier:
