@@ -58,7 +58,7 @@ def test_verifier_choice():
     assert isinstance(a, StaticVerifier) and a.capacity == 1024  # cache sizes come in a few buckets
     assert a.node_options == (0, 8, 16)  # the configured sizes, capped by the budget
     by_batch = retrospec.VerifierConfig(mode="static", slots=64)
-    assert by_batch.node_options(16, batch=1) == (16,) and by_batch.node_options(128, batch=16) == (0, 8, 32)
+    assert by_batch.node_options(16, batch=1) == (16,) and by_batch.node_options(128, batch=16) == (0, 16)
     b = make_verifier(model, static, windows, 1, 900, 16)
     assert b is not a  # a is still lent to its request: it holds that request's cache
     release_verifier(model, a)

@@ -82,6 +82,9 @@ def check(model, prompts, pad, modes, sources, max_new, budget="auto"):
 
 
 def main() -> None:
+    if "--real-only" in sys.argv:
+        sys.argv.remove("--real-only")
+        return real(sys.argv[1])
     print("tiny llama fp32")
     model = tiny()
     gen = torch.Generator().manual_seed(0)
@@ -89,8 +92,13 @@ def main() -> None:
     modes = ["dynamic", "static", "graph", "compile"] if DEVICE == "cuda" else ["dynamic", "static"]
     check(model, prompts, 0, modes, lambda: [retrospec.ContextSource()], 40, budget=12)
     if len(sys.argv) > 1:
+        real(sys.argv[1])
+
+
+def real(path: str) -> None:
+    if True:
         print("real model fp32")
-        model, tok = retrospec.load_model(sys.argv[1], "float32", device=DEVICE)
+        model, tok = retrospec.load_model(path, "float32", device=DEVICE)
         records = load_prompts(".device/bench/question.jsonl", per_category=1)
         prompts = [render(tok, [{"role": "user", "content": r.turns[0]}])[0].tolist() for r in records]
         check(model, prompts, pad_token_id(tok), ["graph", "compile"] if DEVICE == "cuda" else ["dynamic"],

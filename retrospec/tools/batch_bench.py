@@ -101,6 +101,7 @@ class Plain(BatchMethod):
         super().__init__(*args)
         self.static = static
         self.caches: dict[int, object] = {}
+        self.cache_len: int | None = None
 
     def generate(self, prompts, batch):
         ids, mask = _pad(prompts, self.pad, self.model.device)
@@ -110,8 +111,8 @@ class Plain(BatchMethod):
 
             from retrospec.compat import cache_kwarg
 
-            # one cache per batch size and length bucket: a new shape would recompile
-            length = 1 << max(int(ids.shape[1] + self.max_new).bit_length(), 10)
+            # one cache per batch size (and length): a new shape would recompile
+            length = self.cache_len or 1 << max(int(ids.shape[1] + self.max_new).bit_length(), 10)
             cache = self.caches.get((len(prompts), length))
             if cache is None:
                 cache = self.caches[(len(prompts), length)] = StaticCache(config=self.model.config, max_cache_len=length)
@@ -197,6 +198,17 @@ def run_batch_bench(options, model, tokenizer) -> dict:
     records = load_prompts(options.data, options.per_category, list(options.categories) or None)[: options.limit]
     prompts = [render(tokenizer, [{"role": "user", "content": r.turns[0]}], raw=r.raw)[0].tolist() for r in records]
     methods = [build(name, model, tokenizer, options) for name in options.methods]
+    # one cache length for the whole run: one compiled step per shape, not one per prompt length
+    from dataclasses import replace
+
+    from retrospec.verify.verifiers import cache_bucket
+
+    capacity = cache_bucket(max(len(p) for p in prompts) + options.max_new_tokens + options.slots + 2)
+    for m in methods:
+        if isinstance(m, Spec):
+            m.verifier = replace(m.verifier, capacity=capacity)
+        elif isinstance(m, Plain):
+            m.cache_len = capacity
     reference = next((m.name for m in methods if m.name in ("greedy", "greedy-static")), None)
     doc = {"model": options.model, "dtype": options.dtype, "prompts": len(prompts), "max_new_tokens": options.max_new_tokens,
            "reference": reference, "batch_sizes": {}}

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 VERIFY_MODES = ("auto", "dynamic", "static", "graph", "compile")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-SLOT_OPTIONS = ((2, (None,)), (8, (16, None)), (32, (0, 8, 32)), (1 << 30, (0, 4, 8, 16)))
+SLOT_OPTIONS = ((2, (None,)), (8, (32,)), (32, (0, 16)), (1 << 30, (0, 8)))
 """Tree sizes a static verifier captures by batch size: ``(most rows, sizes)``, ``None`` =
 the configured ``slots``. Small batches barely pay for a bigger tree, big ones do."""
 
@@ -59,6 +59,9 @@ class VerifierConfig:
     the budget can shrink trees as the batch grows; ``slots`` is always one of them.
     ``None``: by batch size (:data:`SLOT_OPTIONS`) — each size is one more captured (and
     compiled) step, so a batch of one, whose step costs the same for any tree, gets one."""
+    capacity: int | None = None
+    """Cache indices per row of the static verifiers (default: the power of two that fits each
+    request); one fixed capacity means one captured (and compiled) step per tree size."""
     profile: bool = False
     """Synchronise the device around each verification and record per-step host and device
     times in ``SpecStats`` (for measurements; it costs a little speed on GPUs)."""
@@ -87,7 +90,7 @@ class VerifierConfig:
         """Tree sizes (nodes per row) a static verifier of ``batch`` rows captures, none above ``cap``.
 
         >>> VerifierConfig(slots=64).node_options(128, batch=1), VerifierConfig(slots=64).node_options(128, batch=64)
-        ((64,), (0, 4, 8, 16))
+        ((64,), (0, 8))
         """
         top = min(self.slots, cap)
         if self.slot_options is not None:
@@ -498,6 +501,10 @@ def make_verifier(model, config: VerifierConfig, windows: dict[str, int | None],
     batch = batch_bucket(rows)
     options = config.node_options(cap, batch)
     capacity = cache_bucket(length + options[-1] + 2)
+    if config.capacity is not None:
+        if config.capacity < length + options[-1] + 2:
+            raise ValueError(f"VerifierConfig.capacity {config.capacity} is too small for {length} tokens + {options[-1] + 2} slots")
+        capacity = int(config.capacity)
     graph = mode in ("graph", "compile")
 
     def build() -> StaticVerifier:
