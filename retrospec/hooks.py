@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -72,6 +74,23 @@ def _stop_strings(generate_kwargs: dict) -> None:
     generate_kwargs["stopping_criteria"] = criteria
 
 
+_DEFAULTS: "weakref.WeakKeyDictionary[object, Speculator]" = weakref.WeakKeyDictionary()
+_DEFAULTS_LOCK = threading.Lock()
+
+
+def default_speculator(model) -> Speculator:
+    """The speculator a call without ``speculator=`` uses: one per model, kept as long as the
+    model (so what Token Recycling and the calibrator learn carries over between calls that
+    only pass keyword arguments, as evaluation harnesses do): context + Token Recycling."""
+    from retrospec.sources.registry import default_sources
+
+    with _DEFAULTS_LOCK:
+        spec = _DEFAULTS.get(model)
+        if spec is None:
+            spec = _DEFAULTS[model] = Speculator(default_sources(model), budget="auto")
+        return spec
+
+
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -84,8 +103,8 @@ def generate(
 ) -> SpecOutput:
     """Speculative ``model.generate``: same arguments, same tokens, fewer forwards.
 
-    ``speculator=None`` uses a fresh :class:`Speculator` with the context source; reuse one
-    Speculator across calls so that its calibration and caches carry over. ``documents``
+    ``speculator=None`` uses the model's :func:`default_speculator` (context + Token
+    Recycling, kept across calls); pass your own to choose the sources. ``documents``
     (texts, or one list of texts per row) go to the document sources. ``verifier`` sets how
     verification runs (:class:`VerifierConfig`). Rows of a batch are verified together in
     one forward per step; ``batch_size`` decodes at most that many at once, refilling rows
@@ -228,8 +247,8 @@ def custom_generate(
 ):
     """The decoding function for ``model.generate(custom_generate=...)``.
 
-    Its own keywords, passed through ``generate()``: ``speculator`` (default: a fresh one
-    with the context source), ``retrospec_streamer`` (transformers keeps ``streamer=`` to
+    Its own keywords, passed through ``generate()``: ``speculator`` (default: the model's
+    :func:`default_speculator`), ``retrospec_streamer`` (transformers keeps ``streamer=`` to
     itself), ``retrospec_documents`` (texts for the document sources, or one list per row),
     ``retrospec_verifier`` (a :class:`VerifierConfig`), ``retrospec_batch_size`` (rows
     decoded at once; the others wait and take the rows of finished ones) and
@@ -246,7 +265,10 @@ def custom_generate(
         cache = model_kwargs.get(name)
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError(f"retrospec starts every request from an empty cache; got a `{name}` holding {cache.get_seq_length()} tokens")
-    speculator = speculator if speculator is not None else Speculator()
+    speculator = speculator if speculator is not None else default_speculator(model)
+    if retrospec_documents and not any(getattr(s, "name", "") == "documents" for s in speculator.sources):
+        log.warning("retrospec: documents came with the request but the speculator has no document source "
+                    "(sources: %s); they are not used", ", ".join(speculator.source_names))
     batch, width = input_ids.shape
     max_new, eos, others = split_stopping(stopping_criteria, width)
     settings = DecodeSettings(

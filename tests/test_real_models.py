@@ -57,3 +57,44 @@ def test_gemma3_identical_past_its_sliding_window():
     assert long, "need a prompt longer than the 512-token window"
     speculator = retrospec.Speculator([retrospec.ContextSource()], budget=24)
     check_identical(model, tokenizer, long, 64, speculator)
+
+
+def check_batch_identical(model, tokenizer, records, batch_sizes, max_new_tokens, sources, verify="auto"):
+    """Every row of each batch equals plain generate() of that prompt alone."""
+    from retrospec.compat import pad_token_id
+
+    pad = pad_token_id(tokenizer)
+    prompts = [render(tokenizer, [{"role": "user", "content": r.turns[0]}], raw=r.raw)[0].tolist() for r in records]
+    refs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        refs.append(model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                                   pad_token_id=pad)[0, len(p):].tolist())
+    speculator = retrospec.Speculator(sources(), budget="auto")
+    for batch in batch_sizes:
+        outputs, stats = retrospec.generate_many(model, prompts, speculator=speculator, batch_size=batch, progress=False,
+                                                 verifier=retrospec.VerifierConfig(mode=verify), do_sample=False,
+                                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
+        # generate_many pads the rows to the longest prompt: left padding in a real batch
+        differing = [r.id for r, out, ref in zip(records, outputs, refs) if out != ref]
+        assert not differing, (batch, differing)
+        assert stats.prefills == len(prompts)
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@pytest.mark.parametrize("verify", ["dynamic", "static"])
+def test_smollm2_batches_of_2_4_8_16_rows_equal_each_row_alone(smollm2, verify):
+    model, tokenizer = smollm2
+    records = load_prompts(SPECBENCH, per_category=3)[:16]
+    check_batch_identical(model, tokenizer, records, (2, 4, 8, 16), 40,
+                          lambda: default_sources(model, tokenizer), verify)
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_gemma3_batches_past_its_sliding_window_equal_each_row_alone():
+    model, tokenizer = retrospec.load_model("gemma3-270m", "float32")
+    records = load_prompts(SPECBENCH, per_category=2, categories=["summarization", "rag", "qa"])
+    assert any(len(tokenizer(r.turns[0]).input_ids) > 600 for r in records)  # some rows run past the 512-token window
+    check_batch_identical(model, tokenizer, records, (2, 4), 32, lambda: [retrospec.ContextSource(), retrospec.TokenRecycling.for_model(model)])

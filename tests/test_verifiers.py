@@ -68,3 +68,18 @@ def test_verifier_choice():
         make_verifier(model, retrospec.VerifierConfig(mode="graph"), windows, 1, 100, 16)
     with pytest.raises(ValueError, match="verify mode"):
         retrospec.VerifierConfig(mode="fast")
+
+
+def test_calls_without_a_speculator_share_the_models_default(caplog):
+    from retrospec.hooks import default_speculator
+
+    model = tiny_model("llama")
+    ids = repetitive_prompt(96, 20, 3)
+    out = retrospec.generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, pad_token_id=0)
+    spec = default_speculator(model)
+    assert spec is default_speculator(model) and spec.last_stats is out.stats  # kept with the model
+    assert spec.source_names == ["context", "recycling"]
+    assert default_speculator(tiny_model("llama")) is not spec
+    with caplog.at_level("WARNING"):
+        retrospec.generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0, documents=["some text"])
+    assert "no document source" in caplog.text  # documents that nothing reads are not dropped silently
