@@ -169,3 +169,21 @@ def test_a_damaged_step_cost_cache_is_measured_again(isolated_cache, caplog, mon
             out = retrospec.generate(model, ids, speculator=retrospec.Speculator(budget="auto"), **kw)
         assert torch.equal(out.sequences, ref) and "measuring again" in caplog.text
         assert json.loads(path.read_text())["seconds"][0] > 0  # and the cache is whole again
+
+
+def test_the_one_pass_calibration_equals_the_functions_one_after_the_other():
+    cal = Calibrator(1)
+    rng = np.random.default_rng(0)
+    raw_hist = rng.uniform(0, 1, 400).astype(np.float32)
+    cal.learn(0, raw_hist, rng.integers(1, 6, 400), rng.uniform(0, 1, 400) < raw_hist)
+    for seed in range(20):
+        gen = np.random.default_rng(seed)
+        paths = [gen.integers(0, 9, size=gen.integers(1, 6)).tolist() for _ in range(gen.integers(1, 8))]
+        tree = DraftTree.from_paths(paths, [np.sort(gen.uniform(1e-7, 1, len(p)))[::-1].tolist() for p in paths])
+        for calibrate in (True, False):
+            raw, depth, scores = cal.calibrated(0, tree, calibrate)
+            expect_raw = conditional_scores(tree)
+            cond = cal.conditional(0, expect_raw, tree.depths()) if calibrate else expect_raw
+            expected = DraftTree(tree.tokens, tree.parents, path_scores(tree.parents, cond), tree.sources).with_monotone_scores()
+            assert np.array_equal(raw, expect_raw) and np.array_equal(depth, tree.depths())
+            assert np.array_equal(scores, expected.scores), (seed, calibrate)  # bit for bit: the budget sorts on them

@@ -22,7 +22,8 @@ import threading
 
 import numpy as np
 
-from retrospec.tree import ROOT, DraftTree, path_products
+from retrospec.jit import njit
+from retrospec.tree import ROOT, SCORE_EPS, DraftTree, path_products
 
 
 SCORE_EDGES = (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -66,10 +67,54 @@ class Calibrator:
             np.add.at(self.tested[source], (d, b), 1.0)
             np.add.at(self.accepted[source], (d, b), accepted.astype(np.float64))
 
+    def calibrated(self, source: int, tree: DraftTree, calibrate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One pass over a source's tree: ``(raw conditional scores, depths, calibrated path
+        scores)`` — the path scores clipped to ``[SCORE_EPS, 1]`` and to their parent's, as
+        :func:`conditional_scores`, :meth:`conditional`, :func:`path_scores` and
+        ``DraftTree.with_monotone_scores`` give them one after the other (the same float32
+        arithmetic, in one compiled loop: this runs for every source of every row each step).
+        """
+        n = len(tree)
+        raw, depth, out = np.empty(n, np.float32), np.empty(n, np.int32), np.empty(n, np.float32)
+        _calibrate(tree.parents, tree.scores.astype(np.float32, copy=False), bool(calibrate and n), self.tested[source],
+                   self.accepted[source], self.edges, self.max_depth_bin, np.float32(self.prior_weight), raw, depth, out)
+        return raw, depth, out
+
     def acceptance_rates(self, source: int) -> np.ndarray:
         """``[depth bucket, score bucket]`` measured acceptance rates (NaN where untested), for reports."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.accepted[source] / self.tested[source]
+
+
+@njit()
+def _calibrate(parents, scores, use_table, tested, accepted, edges, max_bin, prior, raw, depth, out):
+    """See :meth:`Calibrator.calibrated`. Invariant: parents come first."""
+    prod = np.empty(parents.shape[0], np.float32)  # path products before clipping, as path_products gives them
+    one, tiny, zero = np.float32(1.0), np.float32(1e-12), np.float32(0.0)
+    for i in range(parents.shape[0]):
+        p = parents[i]
+        parent_score = one if p < 0 else scores[p]
+        if parent_score < tiny:
+            parent_score = tiny
+        r = np.float32(scores[i] / parent_score)
+        if r < zero:
+            r = zero
+        if r > one:
+            r = one
+        raw[i] = r
+        depth[i] = 1 if p < 0 else depth[p] + 1
+        c = r
+        if use_table:
+            d = min(max(depth[i], 1), max_bin) - 1
+            b = 0
+            while b < edges.shape[0] and edges[b] <= r:  # searchsorted(edges, r, side="right")
+                b += 1
+            c = np.float32((accepted[d, b] + np.float64(np.float32(prior * r))) / (tested[d, b] + np.float64(prior)))
+        prod[i] = c if p < 0 else np.float32(c * prod[p])
+        s = min(max(np.float64(prod[i]), SCORE_EPS), 1.0)
+        if p >= 0 and s > out[p]:
+            s = out[p]
+        out[i] = s
 
 
 def conditional_scores(tree: DraftTree) -> np.ndarray:

@@ -30,9 +30,10 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from retrospec.drafting.budget import choose_nodes
-from retrospec.drafting.calibration import Calibrator, conditional_scores, path_scores
+from retrospec.drafting.calibration import Calibrator
 from retrospec.sources.base import Source, Verified, adjusts_logits, rescores_others
-from retrospec.tree import ROOT, DraftTree, cap_depth, fuse_with_index, prune_with_index
+from retrospec.jit import njit
+from retrospec.tree import DraftTree, cap_depth, fuse_with_index, prune_with_index
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +164,33 @@ def tree_fault(tree, max_nodes: int, vocab: int | None) -> str | None:
         return None
     if not (np.issubdtype(tree.tokens.dtype, np.integer) and np.issubdtype(tree.parents.dtype, np.integer)):
         return f"proposed token ids or parents that are not integers ({tree.tokens.dtype}, {tree.parents.dtype})"
-    low, high = int(tree.tokens.min()), int(tree.tokens.max())
-    if low < 0 or (vocab is not None and high >= vocab):
-        return f"proposed token id {low if low < 0 else high}, outside the model's vocabulary [0, {vocab})"
-    if not (np.all(tree.parents >= ROOT) and np.all(tree.parents < np.arange(n))):
+    if not np.issubdtype(tree.scores.dtype, np.floating):
+        return "proposed NaN, infinite or negative scores"
+    fault, value = _numeric_fault(tree.tokens, tree.parents, tree.scores, -1 if vocab is None else int(vocab))
+    if fault == 1:
+        return f"proposed token id {value}, outside the model's vocabulary [0, {vocab})"
+    if fault == 2:
         return "proposed a tree whose parents do not come before their children"
-    if not np.issubdtype(tree.scores.dtype, np.floating) or not np.all(np.isfinite(tree.scores)) or np.any(tree.scores < 0):
+    if fault == 3:
         return "proposed NaN, infinite or negative scores"
     return None
+
+
+@njit()
+def _numeric_fault(tokens, parents, scores, vocab):
+    """``(code, value)``: 0 fine, 1 a token id outside ``[0, vocab)`` (``vocab < 0``: no upper
+    bound), 2 a parent that does not come first, 3 a NaN, infinite or negative score — one
+    pass, for every source of every row each step."""
+    for i in range(tokens.shape[0]):
+        t = tokens[i]
+        if t < 0 or (vocab >= 0 and t >= vocab):
+            return 1, t
+        if parents[i] < -1 or parents[i] >= i:
+            return 2, 0
+        s = scores[i]
+        if not (s >= 0.0) or s == np.inf:  # NaN fails every comparison
+            return 3, 0
+    return 0, 0
 
 
 class Proposal(NamedTuple):
@@ -236,11 +256,8 @@ class SpecSession:
         # 2) calibrate each source's scores, 3) fuse
         trees, raws, depths = [], [], []
         for k, tree in enumerate(proposals):
-            raw = conditional_scores(tree)
-            depth = tree.depths()
-            cond = spec.calibrator.conditional(k, raw, depth) if cfg.calibrate and len(tree) else raw
-            scores = path_scores(tree.parents, cond)
-            trees.append(DraftTree(tree.tokens, tree.parents, scores, np.full(len(tree), 1 << k, np.uint32)).with_monotone_scores())
+            raw, depth, scores = spec.calibrator.calibrated(k, tree, cfg.calibrate)
+            trees.append(DraftTree(tree.tokens, tree.parents, scores, np.full(len(tree), 1 << k, np.uint32)))
             raws.append(raw)
             depths.append(depth)
         fused, mappings = fuse_with_index(trees, cfg.combine)
