@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -74,7 +75,7 @@ def main() -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(resolve(args.tokenizer))
     tokens, steps, anchored, copied = defaultdict(int), defaultdict(int), defaultdict(int), defaultdict(int)
-    for line in open(args.outputs, encoding="utf-8"):
+    for line in Path(args.outputs).read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         for prompt, out in zip(rec["prompt_ids"], rec["outputs"]):
             texts = [np.asarray(prompt, np.int64)]
@@ -95,7 +96,10 @@ def main() -> None:
     print("| set | oracle copy MAT | anchored oracle MAT | output tokens | in copied spans of >= 4 |")
     print("|---|---:|---:|---:|---:|")
     for key in sorted(tokens, key=lambda k: (k == "overall", k)):
-        print(f"| {key} | {tokens[key] / max(steps[key], 1):.2f} | {tokens[key] / max(anchored[key], 1):.2f} | {tokens[key]} | {copied[key] / tokens[key]:.0%} |")
+        print(
+            f"| {key} | {tokens[key] / max(steps[key], 1):.2f} | {tokens[key] / max(anchored[key], 1):.2f} "
+            f"| {tokens[key]} | {copied[key] / tokens[key]:.0%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
-from retrospec.datastores.documents import DocumentStore, build_document_store
-from retrospec.tools.index_cli import load_tokenizer
 from retrospec.datastores.corpus import Document
+from retrospec.datastores.documents import DocumentStore, build_document_store
 from retrospec.datastores.files import IndexFormatError
+from retrospec.tools.index_cli import load_tokenizer
 
 RAG = Path(__file__).resolve().parents[2] / "shared" / "bench" / "rag"
 
@@ -37,7 +37,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer)
 
     texts: dict[str, int] = {}
-    for line in open(RAG / "nq_rag5.jsonl", encoding="utf-8"):
+    for line in (RAG / "nq_rag5.jsonl").read_text(encoding="utf-8").splitlines():
         for p in json.loads(line)["passages"]:
             texts.setdefault(passage_key(p), len(texts))
     docs = [Document(text, f"nq:{i}", {}) for text, i in texts.items()]
@@ -49,7 +49,7 @@ def main() -> None:
     hits = {"dense": 0, "hybrid": 0}
     n = 0
     start = time.perf_counter()
-    for line in open(RAG / "nq_open_oracle_passages.jsonl", encoding="utf-8"):
+    for line in (RAG / "nq_open_oracle_passages.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         gold = row["gold_passage"]
         gold = ast.literal_eval(gold) if isinstance(gold, str) else gold

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrospec.datastores.suffix_build import BuildOptions, write_index
 from retrospec.datastores.corpus import Document
+from retrospec.datastores.suffix_build import BuildOptions, write_index
 from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex
 
 SPECBENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "specbench" / "question.jsonl"
@@ -185,7 +185,7 @@ def memory(index_dir: str, tokenizer_name: str, release_every: tuple[int, ...], 
         np.savez(path, flat=np.concatenate(queries), ends=np.cumsum([q.shape[0] for q in queries]))
         for every in release_every:
             probe = subprocess.run([sys.executable, __file__, "probe", index_dir, "--contexts", str(path), "--release-every", str(every)],
-                                   capture_output=True, text=True, env={**os.environ, "RETROSPEC_JIT": "1" if jit else "0"})
+                                   capture_output=True, text=True, check=False, env={**os.environ, "RETROSPEC_JIT": "1" if jit else "0"})
             print(probe.stdout or probe.stderr)
 
 

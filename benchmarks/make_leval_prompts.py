@@ -28,7 +28,7 @@ def main() -> None:
     picked = []
     for path in sorted(LEVAL.glob("Open-ended-tasks/*.jsonl")) + sorted(LEVAL.glob("Closed-ended-tasks/*.jsonl")):
         best = None
-        for line in open(path, encoding="utf-8"):
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
             n = len(tokenizer(record["input"], add_special_tokens=False).input_ids)
             if n >= args.min_tokens and (best is None or n < best[0]):

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 import retrospec
-from retrospec.datastores.suffix_build import build_index
 from retrospec.datastores.corpus import ReadOptions
+from retrospec.datastores.suffix_build import build_index
 from retrospec.datastores.suffix_index import SuffixIndex
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "datastore" / "sharegpt_chat_corpus.jsonl.gz"

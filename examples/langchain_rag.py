@@ -24,7 +24,6 @@ from langchain_core.documents import Document
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
-
 from langchain_retrospec import ChatRetrospec, with_documents
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "bench" / "rag" / "nq_rag5.jsonl"

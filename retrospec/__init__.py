@@ -69,9 +69,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from retrospec.assistant import AssistantChain
-    from retrospec.sources.registry import Datastores, default_sources
-    from retrospec.datastores.documents import DocumentStore
     from retrospec.buffers import TreeBuffers, to_buffers, tree_buffers
+    from retrospec.datastores.documents import DocumentStore
+    from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex
+    from retrospec.drafting.speculator import Speculator, SpeculatorConfig
     from retrospec.hooks import SpecOutput, custom_generate, generate, generate_many
     from retrospec.models import load_model
     from retrospec.sources.base import Source, Verified
@@ -79,8 +80,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from retrospec.sources.documents import DocumentConfig, DocumentSource
     from retrospec.sources.drafter import DrafterConfig, ModelDrafter
     from retrospec.sources.recycling import TokenRecycling
-    from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex
-    from retrospec.drafting.speculator import Speculator, SpeculatorConfig
+    from retrospec.sources.registry import Datastores, default_sources
     from retrospec.stats import SpecStats
     from retrospec.tree import DraftTree, fuse, prune
     from retrospec.verify.verifiers import VerifierConfig
@@ -88,29 +88,29 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
 __version__ = "0.1.0"
 
 __all__ = [
+    "AssistantChain",
+    "ContextConfig",
+    "ContextSource",
     "Datastores",
     "DocumentConfig",
     "DocumentSource",
     "DocumentStore",
+    "DraftTree",
     "DrafterConfig",
     "ModelDrafter",
-    "SuffixConfig",
-    "SuffixIndex",
-    "TokenRecycling",
-    "default_sources",
-    "AssistantChain",
-    "ContextConfig",
-    "ContextSource",
-    "DraftTree",
     "Source",
     "SpecOutput",
     "SpecStats",
     "Speculator",
     "SpeculatorConfig",
+    "SuffixConfig",
+    "SuffixIndex",
+    "TokenRecycling",
     "TreeBuffers",
     "Verified",
     "VerifierConfig",
     "custom_generate",
+    "default_sources",
     "fuse",
     "generate",
     "generate_many",

@@ -30,7 +30,8 @@ Two steps, so that a fixed-shape verifier can keep the second inside its CUDA gr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 

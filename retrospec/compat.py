@@ -35,7 +35,7 @@ def check_transformers(version: str = transformers.__version__) -> None:
         )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_parameters(model_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 

@@ -20,8 +20,8 @@ import contextlib
 import logging
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ def _stop_strings(generate_kwargs: dict) -> None:
     generate_kwargs["stopping_criteria"] = criteria
 
 
-_DEFAULTS: "weakref.WeakKeyDictionary[object, Speculator]" = weakref.WeakKeyDictionary()
+_DEFAULTS: weakref.WeakKeyDictionary[object, Speculator] = weakref.WeakKeyDictionary()
 _DEFAULTS_LOCK = threading.Lock()
 
 

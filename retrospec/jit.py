@@ -15,7 +15,7 @@ when interpreted (each must return what the kernel returns: tests run both).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 ENABLED = os.environ.get("RETROSPEC_JIT", "1").strip().lower() not in ("0", "false", "no", "off")
 """Whether kernels are compiled (read once, when retrospec is first imported)."""

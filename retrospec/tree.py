@@ -24,8 +24,8 @@ Worked example — two sources guess after "the":
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -58,7 +58,7 @@ class DraftTree:
         return int(self.tokens.shape[0])
 
     @staticmethod
-    def empty() -> "DraftTree":
+    def empty() -> DraftTree:
         return DraftTree(
             np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.uint32)
         )
@@ -68,7 +68,7 @@ class DraftTree:
         paths: Sequence[Sequence[int]],
         scores: Sequence[Sequence[float]] | None = None,
         source: int = 0,
-    ) -> "DraftTree":
+    ) -> DraftTree:
         """Build a trie from token paths (shared prefixes merge; a prefix keeps its highest score).
 
         ``scores[p][j]`` is the path score of ``paths[p][:j+1]``; by default every node scores 1.
@@ -106,7 +106,7 @@ class DraftTree:
         """``int32 [N]`` depth of each node; children of the root have depth 1."""
         return _depths(self.parents)
 
-    def with_monotone_scores(self) -> "DraftTree":
+    def with_monotone_scores(self) -> DraftTree:
         """Clip scores into ``[SCORE_EPS, 1]`` and to at most the parent's score."""
         return DraftTree(self.tokens, self.parents, _monotone(self.parents, self.scores.astype(np.float32)), self.sources)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import repetitive_prompt, tiny_model
+from helpers import OracleSource, plain
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import retrospec
-from conftest import repetitive_prompt, tiny_model
-from helpers import OracleSource, plain
 
 LENGTHS = [48, 30, 61, 12, 40]
 

@@ -117,5 +117,7 @@ def test_prefill_of_left_padded_prompts_writes_each_row_compactly():
 def test_the_mask_function_takes_any_query_subset():
     """The drafter's use: new query rows over this step's already cached tree slots."""
     sees = torch.tensor([[[True, False, True]]])  # one query: tree slot 0 (root) and itself (slot 2)
-    mask = attention_mask(sees, torch.tensor([2]), torch.tensor([2]), torch.tensor([[4]]), torch.tensor([[2, 3, 4]]), 5, None, torch.float32)
+    mask = attention_mask(
+        sees, torch.tensor([2]), torch.tensor([2]), torch.tensor([[4]]), torch.tensor([[2, 3, 4]]), 5, None, torch.float32
+    )
     assert (mask[0, 0] == 0).int().tolist() == [[1, 1, 1, 0, 1]]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import IdTokenizer, edit_manifest, forge_file
+
+from retrospec.datastores.corpus import Document
 from retrospec.datastores.files import IndexFormatError, check_out, clean_stale, publish, write_atomic
 from retrospec.datastores.suffix_build import BuildOptions, build_index, merge_indexes, write_index
-from retrospec.datastores.corpus import Document
 from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex, verify_index
 
 TOK = IdTokenizer()
@@ -54,7 +54,7 @@ def test_a_folder_of_user_files_is_never_replaced(tmp_path):
     out = tmp_path / "mine"
     files = user_folder(out)
     for force in (False, True):
-        with pytest.raises(IndexFormatError, match="not a retrospec index .*notes.txt"):
+        with pytest.raises(IndexFormatError, match=r"not a retrospec index .*notes.txt"):
             build(tmp_path, "mine", force=force)
         assert intact(out, files) and not (out / "manifest.json").exists()
     other = build(tmp_path, "other")
@@ -68,7 +68,7 @@ def test_an_index_with_user_files_inside_is_not_replaced_even_with_force(tmp_pat
     idx = build(tmp_path)
     (idx / "README.txt").write_text("what this index is")
     for force in (False, True):
-        with pytest.raises(IndexFormatError, match="also holds files of its own .*README.txt"):
+        with pytest.raises(IndexFormatError, match=r"also holds files of its own .*README.txt"):
             build(tmp_path, force=force)
     assert (idx / "README.txt").read_text() == "what this index is"
 
@@ -76,7 +76,7 @@ def test_an_index_with_user_files_inside_is_not_replaced_even_with_force(tmp_pat
 def test_a_file_or_an_index_of_another_kind_needs_force(tmp_path):
     target = tmp_path / "idx"
     target.write_text("a file the user keeps")
-    with pytest.raises(IndexFormatError, match="is a file, not an index folder.*--force"):
+    with pytest.raises(IndexFormatError, match=r"is a file, not an index folder.*--force"):
         build(tmp_path)
     assert target.read_text() == "a file the user keeps"
     build(tmp_path, force=True)
@@ -115,7 +115,10 @@ def test_document_store_build_refuses_a_folder_of_user_files_before_any_work(tmp
 EDITS = {
     "tokenizer deleted": (lambda d: d.pop("tokenizer"), "field tokenizer is missing"),
     "tokenizer null": (lambda d: d.update(tokenizer=None), "field tokenizer must be an object"),
-    "dtype deleted": (lambda d: d["shards"][0]["files"]["shard-00000/vocab.bin"].pop("dtype"), r"field shards\[0\].files.shard-00000/vocab.bin.dtype is missing"),
+    "dtype deleted": (
+        lambda d: d["shards"][0]["files"]["shard-00000/vocab.bin"].pop("dtype"),
+        r"field shards\[0\].files.shard-00000/vocab.bin.dtype is missing",
+    ),
     "positions deleted": (lambda d: d["shards"][0].pop("positions"), r"shards\[0\].positions is missing"),
     "positions null": (lambda d: d["shards"][0].update(positions=None), r"shards\[0\].positions must be an integer"),
     "positions 0": (lambda d: d["shards"][0].update(positions=0), r"shards\[0\].positions must be an integer in \[15, 15\]"),
@@ -157,7 +160,7 @@ def test_an_edited_manifest_fails_its_own_checksum(tmp_path):
 def test_version_1_indexes_are_refused_with_the_way_out(tmp_path):
     idx = build(tmp_path)
     edit_manifest(idx, lambda d: d.update(format_version=1))
-    with pytest.raises(IndexFormatError, match="format version 1 predates .* rebuild the index with `retrospec index build`"):
+    with pytest.raises(IndexFormatError, match=r"format version 1 predates .* rebuild the index with `retrospec index build`"):
         SuffixIndex.open(idx)
 
 
@@ -246,14 +249,14 @@ def test_a_garbage_docs_db_is_caught_by_verify_append_and_merge(tmp_path):
     idx = build(tmp_path)
     other = build(tmp_path, "other")
     forge_file(idx, "docs.sqlite", b"SQLite format 3\x00" + b"\x17" * 4000)
-    with pytest.raises(IndexFormatError, match="docs.sqlite: not a readable SQLite database"):
+    with pytest.raises(IndexFormatError, match=r"docs.sqlite: not a readable SQLite database"):
         verify_index(idx)
-    with pytest.raises(IndexFormatError, match="docs.sqlite: not a readable SQLite database"):
+    with pytest.raises(IndexFormatError, match=r"docs.sqlite: not a readable SQLite database"):
         build_index([corpus(tmp_path / "more.jsonl", [[4, 5, 6]])], TOK, idx, append=True, progress=False)
-    with pytest.raises(IndexFormatError, match="docs.sqlite: not a readable SQLite database"):
+    with pytest.raises(IndexFormatError, match=r"docs.sqlite: not a readable SQLite database"):
         merge_indexes([other, idx], tmp_path / "merged")
     (idx / "docs.sqlite").write_bytes(b"garbage")  # and without forging: the size says it
-    with pytest.raises(IndexFormatError, match="docs.sqlite: 7 bytes, the manifest says"):
+    with pytest.raises(IndexFormatError, match=r"docs.sqlite: 7 bytes, the manifest says"):
         verify_index(idx)
 
 
@@ -402,7 +405,7 @@ def test_a_build_killed_inside_publish_is_recovered_by_the_next_open(tmp_path, k
     idx = build(tmp_path)
     new = corpus(tmp_path / "new.jsonl", [[7, 8, 9]])
     run = subprocess.run([sys.executable, "-c", KILL_AT, str(idx), str(new), str(kill_at), str(Path(__file__).parent)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert run.returncode == -signal.SIGKILL, run.stderr
     hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".idx.")]
     assert any(".publish" in h for h in hidden)
@@ -417,7 +420,9 @@ def test_stale_build_folders_of_dead_processes_are_removed(tmp_path):
     from retrospec.datastores import files
 
     idx = build(tmp_path)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     stale = tmp_path / f".idx.building-{files._HOST}-{dead}-0123abcd"
     live = tmp_path / f".idx.building-{files._HOST}-{os.getpid()}-0123abcd"
     foreign = tmp_path / f".idx.building-ffffff-{dead}-0123abcd"
@@ -446,7 +451,7 @@ def test_write_atomic_never_follows_a_planted_link_and_leaves_no_temporary(tmp_p
     os.symlink(victim, tmp_path / f".out.bin.{os.getpid()}.tmp")  # the old code's predictable name
     write_atomic(target, b"new")
     assert victim.read_text() == "keep me" and not target.is_symlink() and target.read_bytes() == b"new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.bin.%d.tmp" % os.getpid(), "out.bin", "victim.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".out.bin.{os.getpid()}.tmp", "out.bin", "victim.txt"])
 
 
 def test_threads_writing_one_path_never_collide(tmp_path):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import retrospec
-from retrospec.datastores.documents import DocumentStore, build_document_store, chunk_spans, gram_keys
 from retrospec.datastores.corpus import Document
+from retrospec.datastores.documents import DocumentStore, build_document_store, chunk_spans, gram_keys
 from retrospec.datastores.files import IndexFormatError
 
 DOCS = [
@@ -87,6 +87,7 @@ def test_stores_are_validated_hashed_and_verified(store, tmp_path):
     import shutil
 
     from helpers import edit_manifest, forge_file
+
     from retrospec.datastores.documents import verify_store
 
     _, tokenizer, path = store

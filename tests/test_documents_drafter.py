@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import repetitive_prompt, tiny_model
 
 import retrospec
-from conftest import repetitive_prompt, tiny_model
 from retrospec.sources.documents import DocumentConfig, DocumentSource
 from retrospec.sources.drafter import DrafterConfig, ModelDrafter, rapid_view
 from retrospec.tree import DraftTree
@@ -46,7 +46,26 @@ class WordTokenizer:
         return dict(self.ids)
 
 
-WORDS = "the lighthouse was completed in 1871 and electrified 1934 its last keeper Margaret Olsen finished built a tower".split()
+WORDS = [
+    "the",
+    "lighthouse",
+    "was",
+    "completed",
+    "in",
+    "1871",
+    "and",
+    "electrified",
+    "1934",
+    "its",
+    "last",
+    "keeper",
+    "Margaret",
+    "Olsen",
+    "finished",
+    "built",
+    "a",
+    "tower",
+]
 
 
 def ids(tok, text):
@@ -141,7 +160,10 @@ def test_fused_drafter_documents_context_stay_lossless():
     prompt = repetitive_prompt(96, 40, 13)
     kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=40, pad_token_id=0)
     ref = model.generate(prompt, **kw)
-    sources = [retrospec.ContextSource(), ModelDrafter(drafter_model, DrafterConfig(depth=2, rapid_threshold=24, rapid_chunk=8, rapid_budget=24, rapid_tail=8))]
+    sources = [
+        retrospec.ContextSource(),
+        ModelDrafter(drafter_model, DrafterConfig(depth=2, rapid_threshold=24, rapid_chunk=8, rapid_budget=24, rapid_tail=8)),
+    ]
     out = retrospec.generate(model, prompt, speculator=retrospec.Speculator(sources, budget=24), **kw)
     assert torch.equal(out.sequences, ref)
 

@@ -9,10 +9,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-
-import retrospec
 from conftest import repetitive_prompt, tiny_model
 from helpers import IdTokenizer
+
+import retrospec
 from retrospec.datastores.suffix_build import build_index
 from retrospec.datastores.suffix_index import SuffixIndex
 from retrospec.drafting.speculator import tree_fault

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import FixedTreeSource
 
 import retrospec
-from helpers import FixedTreeSource
 from retrospec.buffers import tree_layout
 from retrospec.drafting.budget import LiveCost, StepCost
 from retrospec.loop import DecodeSettings, Request, decode
@@ -133,7 +133,9 @@ def test_when_speculation_cannot_pay_the_loop_decodes_plainly_and_pauses_draftin
 
     steep = LiveCost({1: StepCost(sizes=(1, 2), seconds=(1.0, 2.0))})  # each slot costs a whole step
     source = Counting(DraftTree.from_paths([[4, 5]], [[0.5, 0.2]]))
-    results, stats, verifier = run([Request(np.array([2, 3]))], retrospec.Speculator([source], budget="auto"), max_new_tokens=20, cost=steep)
+    results, _stats, verifier = run(
+        [Request(np.array([2, 3]))], retrospec.Speculator([source], budget="auto"), max_new_tokens=20, cost=steep
+    )
     assert results[0].tokens == [(4 + i) % 10 for i in range(20)]
     assert all(f.input_ids.shape[1] == 1 for f in verifier.forwards)  # plain steps only
     assert Counting.calls < len(verifier.forwards) / 2  # drafting paused for 1, 2, 4 ... steps

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import retrospec
 from conftest import repetitive_prompt, tiny_model
 from helpers import OracleSource, plain, spec
+
+import retrospec
 
 ARCHS = ["llama", "qwen2", "gpt2", "gemma3"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BENCH
 
 import retrospec
-from conftest import BENCH
 from retrospec.sources.registry import default_sources
 from retrospec.tools.prompts import load_prompts, render
 
@@ -97,4 +97,6 @@ def test_gemma3_batches_past_its_sliding_window_equal_each_row_alone():
     model, tokenizer = retrospec.load_model("gemma3-270m", "float32")
     records = load_prompts(SPECBENCH, per_category=2, categories=["summarization", "rag", "qa"])
     assert any(len(tokenizer(r.turns[0]).input_ids) > 600 for r in records)  # some rows run past the 512-token window
-    check_batch_identical(model, tokenizer, records, (2, 4), 32, lambda: [retrospec.ContextSource(), retrospec.TokenRecycling.for_model(model)])
+    check_batch_identical(
+        model, tokenizer, records, (2, 4), 32, lambda: [retrospec.ContextSource(), retrospec.TokenRecycling.for_model(model)]
+    )

@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import repetitive_prompt, tiny_model
 
 import retrospec
-from conftest import repetitive_prompt, tiny_model
 from retrospec.sources.recycling import EMPTY, REFERENCE_TEMPLATE, TokenRecycling
 
 
@@ -133,7 +133,7 @@ def test_every_matrix_value_is_checked_at_load(tmp_path, value):
 def test_half_the_rows_an_empty_fingerprint_and_bad_headers_are_refused(tmp_path):
     model = tiny_model("llama")
     half = _crafted(tmp_path, model, lambda m: None, lambda meta: meta.update(vocab_size=48))
-    with pytest.raises(ValueError, match="matrix.npy is int32\\[96, 8\\]"):
+    with pytest.raises(ValueError, match=r"matrix.npy is int32\[96, 8\]"):
         TokenRecycling.load(half, model)
     unmarked = _crafted(tmp_path, model, lambda m: None, lambda meta: meta.update(fingerprint=""))
     TokenRecycling.load(unmarked)  # without a model there is nothing to compare
@@ -143,7 +143,7 @@ def test_half_the_rows_an_empty_fingerprint_and_bad_headers_are_refused(tmp_path
                          (dict(template=[[0, 0]]), "before its parent"), (dict(vocab_size=None), "vocab_size"),
                          (dict(format="other"), "names format")]:
         with pytest.raises(ValueError, match=message):
-            TokenRecycling.load(_crafted(tmp_path, model, lambda m: None, lambda meta: meta.update(bad)))
+            TokenRecycling.load(_crafted(tmp_path, model, lambda m: None, lambda meta, bad=bad: meta.update(bad)))
 
 
 CRAFTED_DRAFT = """
@@ -162,7 +162,7 @@ def test_the_bfs_kernel_never_indexes_outside_the_matrix():
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-c", CRAFTED_DRAFT], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", CRAFTED_DRAFT], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr  # was -11 (SIGSEGV)
     assert run.stdout.strip() == "[7]"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-import retrospec
 from conftest import tiny_model
 from helpers import FixedTreeSource
+
+import retrospec
 from retrospec.buffers import to_buffers
 from retrospec.tree import DraftTree
 from retrospec.verify.acceptance import accept_walk

@@ -4,14 +4,14 @@ import json
 
 import numpy as np
 import pytest
+from helpers import FixedTreeSource
 
 import retrospec
-from helpers import FixedTreeSource
 from retrospec.drafting.budget import LiveCost, StepCost, choose_budget, choose_nodes, expected_tokens
-from retrospec.verify.step_cost import dynamic_cost, step_cost_for
 from retrospec.drafting.calibration import Calibrator, conditional_scores, path_scores
 from retrospec.sources.base import Verified
 from retrospec.tree import DraftTree
+from retrospec.verify.step_cost import dynamic_cost, step_cost_for
 
 
 class Named(FixedTreeSource):
@@ -56,6 +56,22 @@ def test_calibration_learns_from_tested_nodes_only():
     assert session.draft(np.array([9]), max_depth=4).scores[0] < 0.2  # raw 0.5, measured 0
 
 
+def test_the_fused_tree_is_calibrated_where_sources_agree():
+    # both sources propose token 1 and are right half of the time: each source's own table
+    # learns 0.5, their noisy-or says 0.75, the fused table brings it back to what is accepted
+    a, b = (Named(name, DraftTree.from_paths([[1]], [[0.5]])) for name in "ab")
+    spec = retrospec.Speculator([a, b], budget=10)
+    session = spec.start_request(np.array([9]))
+    for step in range(300):
+        session.draft(np.array([9]), max_depth=4)
+        accepted = np.array([0, 1]) if step % 2 else np.array([0])
+        session.observe(Verified(np.array([9, 1]), np.array([-1, 0]), accepted, np.array([7]), None))
+    assert spec.calibrator.tested[2].sum() == 300  # the fused node, once per step
+    assert abs(session.draft(np.array([9]), max_depth=4).scores[0] - 0.5) < 0.05
+    off = retrospec.Speculator([a, b], budget=10, config=retrospec.SpeculatorConfig(calibrate=False))
+    assert off.start_request(np.array([9])).draft(np.array([9]), max_depth=4).scores[0] == pytest.approx(0.75)
+
+
 def test_calibrator_tables():
     cal = Calibrator(2, prior_weight=2.0)
     raw, depth = np.array([0.55, 0.55, 0.55, 0.55]), np.array([1, 1, 1, 1])
@@ -85,6 +101,14 @@ def test_choose_budget_flat_then_linear_cost():
     assert choose_budget(np.array([]), flat, 8) == 0
     with pytest.raises(ValueError):
         StepCost(sizes=(1,), seconds=(0.1,))
+
+
+def test_a_cost_curve_that_dips_is_taken_as_measured():
+    # SmolLM2 fp32 on 2 cores: 2 and 3 tokens cost more than 4 (GEMM kernel choice)
+    dip = StepCost(sizes=(1, 2, 4, 8), seconds=(0.052, 0.087, 0.070, 0.078))
+    assert dip(4) == pytest.approx(0.070) and dip(3) == pytest.approx(0.0785)
+    # 3 nodes (4 slots): 2.2 tokens in 0.070 s (a monotone envelope priced them at 0.087 s)
+    assert choose_budget(np.array([0.5, 0.4, 0.3]), dip, 3) == 3
 
 
 def test_auto_budget_measures_once_and_caches(isolated_cache, monkeypatch):
@@ -147,9 +171,9 @@ def test_a_damaged_step_cost_cache_is_measured_again(isolated_cache, caplog, mon
     import logging
 
     import torch
+    from conftest import tiny_model
 
     import retrospec
-    from conftest import tiny_model
     from retrospec.verify import step_cost
     from retrospec.verify.step_cost import step_cost_for
 

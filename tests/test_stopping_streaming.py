@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import pytest
 import torch
+from conftest import repetitive_prompt, tiny_model
+from helpers import OracleSource, plain, spec
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 import retrospec
-from conftest import repetitive_prompt, tiny_model
-from helpers import OracleSource, plain, spec
 
 
 @pytest.mark.parametrize("n", [1, 2, 7])
@@ -78,7 +81,7 @@ def test_streamer_receives_exactly_the_generated_tokens():
     out = retrospec.generate(model, ids, speculator=retrospec.Speculator(budget=12), streamer=streamer,
                              attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=25, pad_token_id=0)
     assert streamer.chunks[0] == ids[0].tolist()  # the prompt first, as generate() does
-    assert sum(streamer.chunks[1:], []) == ref[0, 40:].tolist() == out.sequences[0, 40:].tolist()
+    assert functools.reduce(operator.iadd, streamer.chunks[1:], []) == ref[0, 40:].tolist() == out.sequences[0, 40:].tolist()
     assert streamer.ended
 
 
@@ -91,7 +94,7 @@ def test_custom_generate_seam_with_streaming():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=25, pad_token_id=0,
                          custom_generate=retrospec.custom_generate, speculator=speculator, retrospec_streamer=streamer)
     assert torch.equal(out, ref)  # a plain tensor, as generate() returns by default
-    assert sum(streamer.chunks[1:], []) == ref[0, 40:].tolist()
+    assert functools.reduce(operator.iadd, streamer.chunks[1:], []) == ref[0, 40:].tolist()
     assert speculator.last_stats.new_tokens == 25
     as_dict = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=25, pad_token_id=0,
                              custom_generate=retrospec.custom_generate, speculator=speculator, return_dict_in_generate=True)

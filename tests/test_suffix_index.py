@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import IdTokenizer
 
-from retrospec.datastores.suffix_build import BuildOptions, build_index, merge_indexes
 from retrospec.datastores.corpus import CorpusError, ReadOptions
 from retrospec.datastores.files import IndexFormatError
+from retrospec.datastores.suffix_build import BuildOptions, build_index, merge_indexes
 from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex, verify_index
-from helpers import IdTokenizer
 
 
 def corpus(tmp_path: Path, docs: list[list[int]], name: str = "c.jsonl") -> Path:
@@ -198,7 +198,7 @@ def test_empty_and_unreadable_inputs(tmp_path):
         build_index([nofield], IdTokenizer(), tmp_path / "idx", progress=False)
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\xff\xfe\x00\x81")
-    with pytest.raises(CorpusError, match="blob.txt: unreadable"):
+    with pytest.raises(CorpusError, match=r"blob.txt: unreadable"):
         build_index([binary], IdTokenizer(), tmp_path / "idx", progress=False)
     assert not (tmp_path / "idx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx")]

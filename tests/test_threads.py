@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from conftest import repetitive_prompt, tiny_model
+from helpers import plain, spec
 
 import retrospec
-from conftest import repetitive_prompt, tiny_model
-from helpers import OracleSource, plain, spec
 
 
 def test_two_threads_sharing_one_static_speculator_match_plain_greedy():

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-import torch
 
-from retrospec.tree import ROOT, DraftTree, cap_depth, fuse, fuse_with_index, prune, subtree
+from retrospec.tree import ROOT, DraftTree, cap_depth, fuse, fuse_with_index, prune
 
 
 def tree(tokens, parents, scores, sources=None):

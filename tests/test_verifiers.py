@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import repetitive_prompt, tiny_model
+from helpers import spec
 
 import retrospec
-from conftest import repetitive_prompt, tiny_model
-from helpers import OracleSource, plain, spec
 
 
 def test_flash_attention_is_switched_to_sdpa_for_the_call(caplog):
@@ -18,7 +18,9 @@ def test_flash_attention_is_switched_to_sdpa_for_the_call(caplog):
 
     class Model:
         config = Config()
-        calls = []
+
+        def __init__(self):
+            self.calls = []
 
         def set_attn_implementation(self, name):
             self.calls.append(name)

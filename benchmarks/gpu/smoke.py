@@ -51,7 +51,11 @@ def check(model, prompts, pad, modes, sources, max_new, budget="auto"):
     refs = []
     for p in prompts:
         ids = torch.tensor([p]).to(DEVICE)
-        refs.append(model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new, pad_token_id=pad)[0, len(p) :].tolist())
+        refs.append(
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new, pad_token_id=pad)[
+                0, len(p) :
+            ].tolist()
+        )
     for mode in modes:
         for batch in (1, len(prompts)):
             spec = retrospec.Speculator(sources(), budget=budget)

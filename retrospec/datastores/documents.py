@@ -31,9 +31,9 @@ import sqlite3
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -139,7 +139,9 @@ class Embedder:
         out = []
         batches = range(0, len(texts), self.batch_size)
         for start in tqdm(batches, desc="embed", disable=not progress):
-            batch = self._tok(list(texts[start : start + self.batch_size]), padding=True, truncation=True, max_length=256, return_tensors="pt")
+            batch = self._tok(
+                list(texts[start : start + self.batch_size]), padding=True, truncation=True, max_length=256, return_tensors="pt"
+            )
             with torch.no_grad():
                 hidden = self._model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -231,7 +233,7 @@ class DocumentStore:
         self._embedder: Embedder | None = None
 
     @classmethod
-    def open(cls, root: str | Path, tokenizer=None) -> "DocumentStore":
+    def open(cls, root: str | Path, tokenizer=None) -> DocumentStore:
         """Open a store: manifest validated, sizes and edge checksums checked, ``dense.faiss``
         read and hashed whole (and ``docs.sqlite`` when small); with ``tokenizer``, refuse a
         store built with another."""

@@ -38,9 +38,10 @@ import socket
 import stat
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -215,7 +216,7 @@ class Fields:
             self.fail(key, "must be a string" + (f" matching {pattern}" if pattern else f" of at most {max_len} characters"), value)
         return value
 
-    def obj(self, key: str) -> "Fields":
+    def obj(self, key: str) -> Fields:
         value = self.get(key)
         if not isinstance(value, dict):
             self.fail(key, "must be an object", value)
@@ -227,7 +228,7 @@ class Fields:
             self.fail(key, f"must be a list of {lo} to {hi} items", value if not isinstance(value, list) else f"{len(value)} items")
         return value
 
-    def item(self, key: str, index: int) -> "Fields":
+    def item(self, key: str, index: int) -> Fields:
         return Fields(self.where, self.data[key][index], f"{self.prefix}{key}[{index}].")
 
 
@@ -397,7 +398,9 @@ def array_entry(files: Fields, name: str, dtype: str, shape: tuple[int, ...]) ->
     if fields.get("shape") != list(shape):
         fields.fail("shape", f"must be {list(shape)}", fields.get("shape"))
     if entry["bytes"] != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-        fields.fail("bytes", f"must be {int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize} for {dtype}{list(shape)}", entry["bytes"])
+        fields.fail(
+            "bytes", f"must be {int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize} for {dtype}{list(shape)}", entry["bytes"]
+        )
     return entry
 
 

@@ -264,7 +264,6 @@ def write_index(
     """Write an index from ``token_docs(report)``, a generator of ``(token ids, Document)``
     pairs (and ``INPUT_END`` markers), for the tokenizer described by ``identity``
     (``out``, ``append``, ``force``: see :func:`build_index`)."""
-    import sqlite_utils
 
     out = Path(out)
     previous = None

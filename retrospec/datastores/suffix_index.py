@@ -41,9 +41,10 @@ import logging
 import sqlite3
 import threading
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -281,7 +282,7 @@ class TopLevels(NamedTuple):
     filled: np.ndarray  # uint8 [2**levels]
 
     @classmethod
-    def empty(cls, levels: int, width: int) -> "TopLevels":
+    def empty(cls, levels: int, width: int) -> TopLevels:
         size = 1 << levels if levels > 0 else 1
         return cls(np.zeros((size, width), np.int32), np.zeros(size, np.int16), np.zeros(size, np.uint8))
 
@@ -296,7 +297,7 @@ class BlockChecks(NamedTuple):
     stamp: int
 
     @classmethod
-    def none(cls) -> "BlockChecks":
+    def none(cls) -> BlockChecks:
         """Nothing to check (every byte falls in block 0, marked verified)."""
         one = np.full(1, VERIFIED, np.uint32)
         return cls(one, one, 62, np.zeros(2, np.int64), 2)
@@ -597,7 +598,7 @@ class SuffixIndex:
         self._bytes = sum(f["bytes"] for shard in manifest["shards"] for f in shard["files"].values())
 
     @classmethod
-    def open(cls, root: str | Path, tokenizer=None, config: SuffixConfig | None = None) -> "SuffixIndex":
+    def open(cls, root: str | Path, tokenizer=None, config: SuffixConfig | None = None) -> SuffixIndex:
         """Open an index directory in O(1) (plus its small files): the manifest is validated,
         sizes and edge checksums checked, ``vocab.bin`` and the block checksums read whole,
         the arrays memory-mapped. With ``tokenizer``, refuse an index built with another, or
@@ -618,7 +619,7 @@ class SuffixIndex:
         return index
 
     @classmethod
-    def from_stores(cls, model=None, tokenizer=None, store: str | None = None) -> "SuffixIndex":
+    def from_stores(cls, model=None, tokenizer=None, store: str | None = None) -> SuffixIndex:
         """The registry's constructor: the index directory ``store``, checked against ``tokenizer``."""
         return cls.open(store, tokenizer=tokenizer)
 
@@ -694,7 +695,7 @@ class SuffixIndex:
         # counts as scores, +1 smoothing: one occurrence is weaker evidence than fifty
         return continuation_trie(rows[:used], None, root_conf=best / (best + 1.0), decay=0.95, smoothing=1.0, max_nodes=max_nodes)
 
-    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "SuffixIndexSession":
+    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> SuffixIndexSession:
         return SuffixIndexSession(self)
 
     def describe(self) -> dict:

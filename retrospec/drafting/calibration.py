@@ -25,7 +25,6 @@ import numpy as np
 from retrospec.jit import njit
 from retrospec.tree import ROOT, SCORE_EPS, DraftTree, path_products
 
-
 SCORE_EDGES = (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 """Bucket edges of raw conditional scores: fine at the low end, where rank priors live."""
 

@@ -2,13 +2,19 @@
 
 One step of drafting for one request, as a :class:`SpecSession` does it::
 
-    source trees ──► calibrate (per source) ──► fuse (longest prefix) ──► budget ──► prune
-    └──────────────────── propose() ─────────────────────────────────┘            prune()
+    source trees ──► calibrate (per source) ──► fuse (longest prefix) ──► calibrate (fused) ──► budget ──► prune
+    └──────────────────────────────── propose() ──────────────────────────────────────┘            prune()
 
 ``propose`` and ``prune`` are separate so that a batch can choose one tree size for all of
 its rows between them (see :mod:`retrospec.drafting.budget`); ``draft`` does both for one
 row. After verification, ``observe`` hands the outcome to every source session and teaches
 the calibrator which of each source's tested nodes were accepted.
+
+The fused tree is calibrated once more, against what verification accepts of *its* nodes:
+fusion combines the scores of a token that several sources propose as if they were
+independent (noisy-or), and they are not (the context and Token Recycling both read the
+request's own text), so on chat the fused scores promised ~30% more tokens than were
+accepted, and the budget bought trees that did not pay. The budget weighs these scores.
 
 Nothing here runs the target model: the step cost that ``budget="auto"`` needs is measured
 where the model is (:mod:`retrospec.verify.step_cost`) and handed in.
@@ -24,15 +30,16 @@ drafting goes on with the others.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from retrospec.drafting.budget import choose_nodes
 from retrospec.drafting.calibration import Calibrator
-from retrospec.sources.base import Source, Verified, adjusts_logits, rescores_others
 from retrospec.jit import njit
+from retrospec.sources.base import Source, Verified, adjusts_logits, rescores_others
 from retrospec.tree import DraftTree, cap_depth, fuse_with_index, prune_with_index
 
 log = logging.getLogger(__name__)
@@ -57,7 +64,8 @@ class SpeculatorConfig:
     combine: str = "noisy_or"
     """How fusion combines the scores of a node proposed by several sources (``noisy_or`` or ``max``)."""
     calibrate: bool = True
-    """Learn each source's acceptance rates online and rescale its scores with them."""
+    """Learn each source's acceptance rates online and rescale its scores with them (and
+    the fused tree's, with its own table)."""
 
     def __post_init__(self) -> None:
         if self.max_depth < 1 or self.source_nodes < 1 or self.max_budget < 1:
@@ -104,7 +112,7 @@ class Speculator:
         self.sources = sources
         self.budget = budget
         self.config = config or SpeculatorConfig()
-        self.calibrator = Calibrator(len(sources))
+        self.calibrator = Calibrator(len(sources) + 1)  # one table per source, then the fused tree's (FUSED)
         self.last_stats = None  # SpecStats of the latest generate() call, set by the API
 
     @property
@@ -120,7 +128,9 @@ class Speculator:
         """The largest tree this speculator ever proposes."""
         return min(int(self.budget), self.config.max_budget) if self.budget != AUTO else self.config.max_budget
 
-    def start_request(self, prompt: np.ndarray, model=None, documents: Sequence[str] = (), cost: Callable[[int], float] | None = None) -> "SpecSession":
+    def start_request(
+        self, prompt: np.ndarray, model=None, documents: Sequence[str] = (), cost: Callable[[int], float] | None = None
+    ) -> SpecSession:
         """Open a session for one request (``prompt``: ``int64 [L]``; ``documents``: texts that
         came with it, for document sources). ``cost(slots)`` is the step's seconds with
         ``slots`` per row, for ``budget="auto"`` in :meth:`SpecSession.draft`."""
@@ -261,7 +271,11 @@ class SpecSession:
             raws.append(raw)
             depths.append(depth)
         fused, mappings = fuse_with_index(trees, cfg.combine)
-        self._proposed = list(zip(raws, depths, mappings))
+        # 4) calibrate the fused scores: what several sources agreeing on a token is worth
+        fused_k = len(self.sessions)
+        raw, depth, scores = spec.calibrator.calibrated(fused_k, fused, cfg.calibrate)
+        fused = DraftTree(fused.tokens, fused.parents, scores, fused.sources)
+        self._proposed = list(zip(raws, depths, mappings)) + [(raw, depth, np.arange(len(fused), dtype=np.int64))]
         return Proposal(fused, np.sort(fused.scores)[::-1])
 
     def prune(self, proposal: Proposal, nodes: int) -> DraftTree:

@@ -26,7 +26,8 @@ for one that is also an on-disk format), its tests, and one line in
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 

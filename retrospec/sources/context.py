@@ -18,8 +18,8 @@ The index grows with each committed token (``_extend``); it is never rebuilt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -67,11 +67,11 @@ class ContextSource:
         self.config = config or ContextConfig()
 
     @classmethod
-    def from_stores(cls, model=None, tokenizer=None, store=None) -> "ContextSource":
+    def from_stores(cls, model=None, tokenizer=None, store=None) -> ContextSource:
         """The registry's constructor (see :mod:`retrospec.sources.registry`): needs nothing."""
         return cls()
 
-    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "ContextSession":
+    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> ContextSession:
         return ContextSession(self.config, prompt)
 
 

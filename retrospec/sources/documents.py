@@ -18,8 +18,8 @@ No match crosses from one document into the next.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -83,7 +83,7 @@ class DocumentSource:
         self.config = config or DocumentConfig()
 
     @classmethod
-    def for_model(cls, tokenizer, store: str | None = None, config: DocumentConfig | None = None) -> "DocumentSource":
+    def for_model(cls, tokenizer, store: str | None = None, config: DocumentConfig | None = None) -> DocumentSource:
         """A source over ``tokenizer``, retrieving from the store directory ``store`` if given."""
         opened = None
         if store:
@@ -93,7 +93,7 @@ class DocumentSource:
         return cls(tokenizer, opened, config)
 
     @classmethod
-    def from_stores(cls, model=None, tokenizer=None, store: str | None = None) -> "DocumentSource":
+    def from_stores(cls, model=None, tokenizer=None, store: str | None = None) -> DocumentSource:
         """The registry's constructor: over ``tokenizer``, retrieving from ``store`` if given."""
         return cls.for_model(tokenizer, store=store)
 
@@ -106,7 +106,7 @@ class DocumentSource:
         query = self.tokenizer.decode(prompt[-self.config.query_tokens :].tolist(), skip_special_tokens=True)
         return [hit.text for hit in self.store.search(query, self.config.top_chunks)]
 
-    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "DocumentSession":
+    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> DocumentSession:
         return DocumentSession(self, self.documents_for(np.asarray(prompt), documents))
 
 

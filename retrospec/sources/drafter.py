@@ -21,8 +21,8 @@ similar to its end (the question) plus the end itself, while the target reads ev
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -90,7 +90,7 @@ class ModelDrafter:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
 
     @classmethod
-    def load(cls, name_or_path: str, like=None, config: DrafterConfig | None = None) -> "ModelDrafter":
+    def load(cls, name_or_path: str, like=None, config: DrafterConfig | None = None) -> ModelDrafter:
         """Load a draft model by short name/path/hub id, in the dtype and device of ``like``."""
         from retrospec.models import load_model
 
@@ -101,16 +101,18 @@ class ModelDrafter:
             target_vocab = like.get_output_embeddings().weight.shape[0]
             draft_vocab = model.get_output_embeddings().weight.shape[0]
             if target_vocab != draft_vocab:
-                raise ValueError(f"draft model {name_or_path!r} has vocabulary {draft_vocab}, the target {target_vocab}: they must share a tokenizer")
+                raise ValueError(
+                    f"draft model {name_or_path!r} has vocabulary {draft_vocab}, the target {target_vocab}: they must share a tokenizer"
+                )
         return cls(model, config)
 
     @classmethod
-    def from_stores(cls, model, tokenizer=None, store: str | None = None, **options) -> "ModelDrafter":
+    def from_stores(cls, model, tokenizer=None, store: str | None = None, **options) -> ModelDrafter:
         """The registry's constructor: the draft model ``store`` (short name, path or hub
         id), like ``model``; ``options`` are :class:`DrafterConfig` fields."""
         return cls.load(store, like=model, config=DrafterConfig(**options) if options else None)
 
-    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "DrafterSession":
+    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> DrafterSession:
         session = TransferSession if self.config.transfer > 0 else DrafterSession
         return session(self, np.asarray(prompt, np.int64))
 
@@ -220,7 +222,11 @@ class DrafterSession:
         # 1) catch up, then one forward of the last committed token + the union of the
         #    other trees: the root distribution and every retrieved node's probability
         self._catch_up(seq)
-        union = fuse([DraftTree(t.tokens, t.parents, t.scores, np.ones(len(t), np.uint32)) for t in others]) if (cfg.rescore and others) else DraftTree.empty()
+        union = (
+            fuse([DraftTree(t.tokens, t.parents, t.scores, np.ones(len(t), np.uint32)) for t in others])
+            if (cfg.rescore and others)
+            else DraftTree.empty()
+        )
         ids = np.concatenate([seq[-1:], union.tokens]).astype(np.int64)
         positions = (seq.shape[0] - 1 + np.concatenate([[0], union.depths()])).astype(np.int64)
         logp = self._forward(ids, positions, _tree_sees(union.parents))
@@ -325,7 +331,12 @@ class DrafterSession:
         self.fed_cache = self.fed
         self._catch_up(seq)
         tree_parents = (parent_slots[1:] - 1).astype(np.int32)
-        tree = DraftTree(slot_tokens[1:].astype(np.int64), tree_parents, np.ones(tree_parents.shape[0], np.float32), np.ones(tree_parents.shape[0], np.uint32))
+        tree = DraftTree(
+            slot_tokens[1:].astype(np.int64),
+            tree_parents,
+            np.ones(tree_parents.shape[0], np.float32),
+            np.ones(tree_parents.shape[0], np.uint32),
+        )
         positions = (seq.shape[0] - 1 + np.concatenate([[0], tree.depths()])).astype(np.int64)
         draft = self._forward(np.concatenate([seq[-1:], tree.tokens]).astype(np.int64), positions, _tree_sees(tree_parents))
         self.fed = seq.shape[0]

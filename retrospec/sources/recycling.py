@@ -22,8 +22,8 @@ output different.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -110,13 +110,13 @@ class TokenRecycling:
         self._conditional = prior[self._rank]
 
     @classmethod
-    def for_model(cls, model, k: int = 8, template=None) -> "TokenRecycling":
+    def for_model(cls, model, k: int = 8, template=None) -> TokenRecycling:
         """An empty matrix sized and fingerprinted for ``model``."""
         vocab = model.get_output_embeddings().weight.shape[0]
         return cls(vocab, k, template, fingerprint=model_fingerprint(model))
 
     @classmethod
-    def from_stores(cls, model, tokenizer=None, store: str | None = None) -> "TokenRecycling":
+    def from_stores(cls, model, tokenizer=None, store: str | None = None) -> TokenRecycling:
         """The registry's constructor: the matrix saved at ``store`` when it exists, else an
         empty one for ``model``."""
         if store and Path(store).exists():
@@ -139,7 +139,7 @@ class TokenRecycling:
         kept = subtree(template, keep)
         return DraftTree(kept.tokens, kept.parents, path_products(kept.parents, kept.scores), kept.sources).with_monotone_scores()
 
-    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> "RecyclingSession":
+    def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> RecyclingSession:
         return RecyclingSession(self)
 
     # -- learning ---------------------------------------------------------------------
@@ -169,7 +169,7 @@ class TokenRecycling:
         save_matrix(path, self.matrix, self.fingerprint, self.template, force=force)
 
     @classmethod
-    def load(cls, path: str | Path, model=None) -> "TokenRecycling":
+    def load(cls, path: str | Path, model=None) -> TokenRecycling:
         """Read a matrix written by :meth:`save`, every value checked; with ``model``, refuse
         one made for another model (or carrying no fingerprint) or of another size."""
         expected = model_fingerprint(model) if model is not None else None

@@ -18,7 +18,7 @@ unanimous evidence diverges eventually). The path score is the product along the
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

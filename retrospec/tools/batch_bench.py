@@ -222,7 +222,7 @@ def run_batch_bench(options, model, tokenizer) -> dict:
         for m in methods:
             try:
                 m.generate(longest if not m.whole else prompts[: 2 * batch], batch)
-            except Exception as err:  # noqa: BLE001  (a baseline this transformers lacks: reported, not fatal)
+            except Exception as err:
                 cells[m.name].error = f"{type(err).__name__}: {err}"[:200]
                 log.warning("bench: %s at batch %d: %s", m.name, batch, cells[m.name].error)
         outputs: dict[str, list[list[int]]] = {m.name: [] for m in methods}
@@ -288,7 +288,9 @@ def batch_markdown(doc: dict, options, model) -> str:
         f"torch {torch.__version__}",
         f"- identical = outputs equal to `{doc['reference']}`'s at the same batch size; MAT = tokens per row per step",
         "",
-        "| batch | method | tok/s | " + " | ".join(f"vs {p}" for p in plain) + " | MAT | mean tree | identical | host ms/step | device ms/step |",
+        "| batch | method | tok/s | "
+        + " | ".join(f"vs {p}" for p in plain)
+        + " | MAT | mean tree | identical | host ms/step | device ms/step |",
         "|---:|---|---:|" + "---:|" * len(plain) + "---:|---:|---:|---:|---:|",
     ]
     for batch, rows in doc["batch_sizes"].items():

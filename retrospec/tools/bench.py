@@ -16,9 +16,9 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,11 +26,11 @@ import transformers
 from tqdm.auto import tqdm
 
 import retrospec
+from retrospec.buffers import layer_windows
 from retrospec.compat import pad_token_id
 from retrospec.datastores.files import check_out_folder, write_atomic
-from retrospec.tools.prompts import PromptRecord, load_prompts, render
-from retrospec.buffers import layer_windows
 from retrospec.drafting.speculator import AUTO, Speculator
+from retrospec.tools.prompts import PromptRecord, load_prompts, render
 from retrospec.verify.step_cost import dynamic_cost
 from retrospec.verify.verifiers import VerifierConfig, cache_bucket
 
@@ -310,7 +310,7 @@ class Tally:
     prefills: int = 0
     prefill_seconds: float = 0.0
 
-    def add(self, other: "Tally") -> None:
+    def add(self, other: Tally) -> None:
         self.new_tokens += other.new_tokens
         self.steps += other.steps
         self.seconds += other.seconds
@@ -324,7 +324,7 @@ class Tally:
         seconds = self.seconds - self.prefill_seconds
         return (self.new_tokens - self.prefills) / seconds if seconds > 0 else 0.0
 
-    def row(self, reference: "Tally | None") -> dict:
+    def row(self, reference: Tally | None) -> dict:
         tok_s = self.new_tokens / self.seconds if self.seconds else 0.0
         ref_tok_s = (reference.new_tokens / reference.seconds) if reference and reference.seconds else 0.0
         return {
@@ -384,9 +384,9 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
     # static verifiers (and their graphs) are kept per model, so every shape is captured once
     # per run, not once per method; the dynamic verifier's step cost is measured here, not
     # inside a timed run
-    if any(isinstance(m, SpecMethod) and m.speculator.budget == AUTO for m in methods):
-        if _verifier(options).resolved(model, layer_windows(model.config)) == "dynamic":
-            dynamic_cost(model, refresh=options.remeasure).prior(1)
+    auto = any(isinstance(m, SpecMethod) and m.speculator.budget == AUTO for m in methods)
+    if auto and _verifier(options).resolved(model, layer_windows(model.config)) == "dynamic":
+        dynamic_cost(model, refresh=options.remeasure).prior(1)
     result = BenchResult(model=options.model, dtype=options.dtype)
     for m in methods:
         result.tallies[m.name] = {}
@@ -516,7 +516,8 @@ def report_markdown(doc: dict, result: BenchResult, options: BenchOptions, model
         "",
         f"- command: `{options.command or 'retrospec bench'}`",
         f"- data: `{options.data}`, {options.per_category or 'all'} per category, max {options.max_new_tokens} new tokens",
-        f"- device: {device} ({device_name}), torch {torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}",
+        f"- device: {device} ({device_name}), torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"transformers {transformers.__version__}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}",
         "",
         "MAT = new tokens / target forwards after the prefill (for `pld` and `assistant` the first forward, which is",
@@ -530,7 +531,12 @@ def report_markdown(doc: dict, result: BenchResult, options: BenchOptions, model
     ]
     categories = list(next(iter(doc["methods"].values()))["categories"])
     for cat in categories:
-        lines += [f"## {cat}", "", *_table({name: m["categories"][cat] for name, m in doc["methods"].items() if cat in m["categories"]}), ""]
+        lines += [
+            f"## {cat}",
+            "",
+            *_table({name: m["categories"][cat] for name, m in doc["methods"].items() if cat in m["categories"]}),
+            "",
+        ]
     ref = result.overall(REFERENCE)
     lines += [
         "## Decode only (prefill excluded)",
@@ -549,7 +555,12 @@ def report_markdown(doc: dict, result: BenchResult, options: BenchOptions, model
     lines.append("")
     stepped = {name: d for name, d in result.details.items() if "steps" in d}  # retrospec's own methods
     if stepped:
-        lines += ["## Where accepted tokens came from", "", "| method | accepted drafts | by source | by several | mean tree | host ms/step |", "|---|---:|---|---:|---:|---:|"]
+        lines += [
+            "## Where accepted tokens came from",
+            "",
+            "| method | accepted drafts | by source | by several | mean tree | host ms/step |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
         for name, d in stepped.items():
             steps = max(d.get("steps", 0), 1)
             host = sum(v for k, v in d.get("seconds", {}).items() if k not in ("forward", "prefill"))
@@ -561,8 +572,12 @@ def report_markdown(doc: dict, result: BenchResult, options: BenchOptions, model
         lines.append("")
         profiled = {n: d for n, d in result.details.items() if d.get("step_seconds")}
         if profiled:
-            lines += ["## Step time (profiled: device synchronised after each verification)", "",
-                      "| method | steps | median step ms | median device ms | median host ms | host share |", "|---|---:|---:|---:|---:|---:|"]
+            lines += [
+                "## Step time (profiled: device synchronised after each verification)",
+                "",
+                "| method | steps | median step ms | median device ms | median host ms | host share |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
             for name, d in profiled.items():
                 total = np.asarray(d["step_seconds"])
                 device = np.asarray(d["step_device_seconds"])

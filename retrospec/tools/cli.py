@@ -8,6 +8,7 @@ import logging
 import shlex
 import sys
 import time
+from pathlib import Path
 
 log = logging.getLogger("retrospec")
 
@@ -101,9 +102,11 @@ def _generate_one(args, model, tokenizer, speculator) -> int:
     from retrospec.compat import pad_token_id
     from retrospec.tools.prompts import render
 
-    text = args.prompt if args.prompt is not None else open(args.file, encoding="utf-8").read()
+    text = args.prompt if args.prompt is not None else Path(args.file).read_text(encoding="utf-8")
     ids = render(tokenizer, [{"role": "user", "content": text}], raw=args.raw)
-    common = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad_token_id(tokenizer))
+    common = dict(
+        attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad_token_id(tokenizer)
+    )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
     start = time.perf_counter()
     out = retrospec.generate(model, ids, speculator=speculator, streamer=streamer, verifier=_verifier(args), **common)
@@ -148,7 +151,8 @@ def _generate_list(args, model, tokenizer, speculator) -> int:
                                              do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad)
     seconds = time.perf_counter() - start
     tokens = sum(len(o) for o in outputs)
-    summary = f"{len(records)} prompts, {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tok/s), MAT {stats.mean_accepted:.2f}, batch {args.batch_size}"
+    summary = (f"{len(records)} prompts, {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tok/s), "
+               f"MAT {stats.mean_accepted:.2f}, batch {args.batch_size}")
     if args.compare:  # plain batched greedy on the same prompts, chunk by chunk
         start, same = time.perf_counter(), 0
         for i in range(0, len(prompts), args.batch_size):
@@ -166,7 +170,9 @@ def _generate_list(args, model, tokenizer, speculator) -> int:
     if args.out:
         from retrospec.datastores.files import write_atomic
 
-        lines = [json.dumps({"id": r.id, "output": tokenizer.decode(o, skip_special_tokens=True), "tokens": o}) for r, o in zip(records, outputs)]
+        lines = [
+            json.dumps({"id": r.id, "output": tokenizer.decode(o, skip_special_tokens=True), "tokens": o}) for r, o in zip(records, outputs)
+        ]
         write_atomic(Path(args.out), ("\n".join(lines) + "\n").encode())
         summary += f"; outputs: {args.out}"
     print(summary)
@@ -183,19 +189,44 @@ def cmd_bench(args) -> int:
     require("plots", "retrospec bench (it draws speedup.png)")  # before the run, not after it
 
     options = BenchOptions(
-        model=args.model, data=args.data, per_category=args.per_category, max_new_tokens=args.max_new_tokens,
-        dtype=args.dtype, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), out=args.out,
-        budget=args.budget, threads=args.threads, device=args.device, index=args.index, drafter=args.drafter,
-        documents=args.documents, recycling=args.recycling,
-        categories=tuple(c for c in (args.categories or "").split(",") if c), warmup=args.warmup, verify=args.verify, profile=args.profile,
-        slots=args.slots, remeasure=args.remeasure, limit=args.limit, batch_sizes=tuple(int(b) for b in (args.batch_size or "").split(",") if b),
+        model=args.model,
+        data=args.data,
+        per_category=args.per_category,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        out=args.out,
+        budget=args.budget,
+        threads=args.threads,
+        device=args.device,
+        index=args.index,
+        drafter=args.drafter,
+        documents=args.documents,
+        recycling=args.recycling,
+        categories=tuple(c for c in (args.categories or "").split(",") if c),
+        warmup=args.warmup,
+        verify=args.verify,
+        profile=args.profile,
+        slots=args.slots,
+        remeasure=args.remeasure,
+        limit=args.limit,
+        batch_sizes=tuple(int(b) for b in (args.batch_size or "").split(",") if b),
         command="retrospec " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     if options.batch_sizes:
         return _bench_batches(options)
     result = run_bench(options)
     doc = result.to_json()
-    rows = [[name, m["overall"]["mat"], m["overall"]["tok_s"], f"{m['overall']['speedup']:.2f}×", f"{m['overall']['identical']}/{m['overall']['n']}"] for name, m in doc["methods"].items()]
+    rows = [
+        [
+            name,
+            m["overall"]["mat"],
+            m["overall"]["tok_s"],
+            f"{m['overall']['speedup']:.2f}×",
+            f"{m['overall']['identical']}/{m['overall']['n']}",
+        ]
+        for name, m in doc["methods"].items()
+    ]
     print(format_table(["method", "MAT", "tok/s", "speedup", "identical"], rows))
     print(f"\nreport: {options.out}/report.md")
     return 0
@@ -212,8 +243,11 @@ def _bench_batches(options) -> int:
     torch.set_num_threads(options.threads)
     model, tokenizer = retrospec.load_model(options.model, options.dtype, device=options.device)
     doc = run_batch_bench(options, model, tokenizer)
-    rows = [[batch, name, row.get("tok_s", 0.0), row.get("mat", 0.0), row.get("mean_tree", 0.0), f"{row.get('identical', 0)}/{row.get('n', 0)}"]
-            for batch, cells in doc["batch_sizes"].items() for name, row in cells.items()]
+    rows = [
+        [batch, name, row.get("tok_s", 0.0), row.get("mat", 0.0), row.get("mean_tree", 0.0), f"{row.get('identical', 0)}/{row.get('n', 0)}"]
+        for batch, cells in doc["batch_sizes"].items()
+        for name, row in cells.items()
+    ]
     print(format_table(["batch", "method", "tok/s", "MAT", "mean tree", "identical"], rows))
     print(f"\nreport: {options.out}/batch.md")
     return 0
@@ -232,7 +266,17 @@ def cmd_demo(args) -> int:
     tokens = sum(r.tokens for r in rows)
     plain_s = sum(r.tokens / r.plain_tok_s for r in rows if r.plain_tok_s)
     spec_s = sum(r.tokens / r.spec_tok_s for r in rows if r.spec_tok_s)
-    table.append(["all", tokens, "", tokens / plain_s, tokens / spec_s, f"{plain_s / spec_s:.2f}×", "yes" if all(r.identical for r in rows) else "NO"])
+    table.append(
+        [
+            "all",
+            tokens,
+            "",
+            tokens / plain_s,
+            tokens / spec_s,
+            f"{plain_s / spec_s:.2f}×",
+            "yes" if all(r.identical for r in rows) else "NO",
+        ]
+    )
     print(format_table(["prompt", "tokens", "MAT", "plain tok/s", "retrospec tok/s", "speedup", "identical"], table))
     return 0 if all(r.identical for r in rows) else 1
 
@@ -262,7 +306,9 @@ def cmd_simulate(args) -> int:
 def _add_model_args(p, dtype="float32") -> None:
     from retrospec.models import DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help="short name (see `retrospec models list`), local directory or hub id (default: %(default)s)")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="short name (see `retrospec models list`), local directory or hub id (default: %(default)s)"
+    )
     p.add_argument("--dtype", default=dtype, help="float32, bfloat16 or float16 (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--budget", default="auto", help="draft nodes verified per step: an integer or 'auto' (default: %(default)s)")
@@ -281,7 +327,9 @@ def _add_store_args(p, keys=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retrospec", description="Lossless speculative decoding for HuggingFace transformers, drafted from retrieval and caches.")
+    parser = argparse.ArgumentParser(
+        prog="retrospec", description="Lossless speculative decoding for HuggingFace transformers, drafted from retrieval and caches."
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -296,10 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--prompt", help="the user message")
     p.add_argument("--file", help="read the user message from a file")
-    p.add_argument("--prompts", help="a JSONL file of prompts (Spec-Bench turns, HumanEval prompt, or {\"prompt\": ...}), decoded --batch-size at a time")
-    p.add_argument("--batch-size", type=int, default=16, help="rows decoded at once with --prompts; finished rows are refilled (default: %(default)s)")
+    p.add_argument(
+        "--prompts", help='a JSONL file of prompts (Spec-Bench turns, HumanEval prompt, or {"prompt": ...}), decoded --batch-size at a time'
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="rows decoded at once with --prompts; finished rows are refilled (default: %(default)s)"
+    )
     p.add_argument("--out", help="with --prompts: write the outputs as JSONL here")
-    p.add_argument("--verify", default="auto", choices=["auto", "dynamic", "static", "graph", "compile"], help="the verifier (default: graph on GPUs, dynamic on CPUs)")
+    p.add_argument(
+        "--verify",
+        default="auto",
+        choices=["auto", "dynamic", "static", "graph", "compile"],
+        help="the verifier (default: graph on GPUs, dynamic on CPUs)",
+    )
     p.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--stream", action="store_true", help="print tokens as they are committed")
@@ -311,15 +368,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="MAT, tok/s, speedup and identity of methods side by side")
     _add_model_args(p)
-    p.add_argument("--data", default="../shared/bench/specbench/question.jsonl", help="JSONL prompts: Spec-Bench (turns) or HumanEval (task_id + prompt) (default: %(default)s)")
+    p.add_argument(
+        "--data",
+        default="../shared/bench/specbench/question.jsonl",
+        help="JSONL prompts: Spec-Bench (turns) or HumanEval (task_id + prompt) (default: %(default)s)",
+    )
     p.add_argument("--per-category", type=int, default=5, help="prompts per category (default: %(default)s)")
     p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
     p.add_argument("--limit", type=int, help="keep only the first N prompts (after --per-category)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--methods", default="greedy,pld,retrospec", help="comma-separated: greedy, greedy-static, pld, assistant, retrospec, or sources joined by '+' "
-                   "(context, suffix-index, recycling, documents, drafter); NAME@N gives a method its own budget (default: %(default)s)")
-    p.add_argument("--out", default="runs/bench", help="output directory: absent, or holding only an earlier run's "
-                   "results.json, outputs.jsonl, report.md, details.json and speedup.png (replaced); anything else is refused (default: %(default)s)")
+    p.add_argument(
+        "--methods",
+        default="greedy,pld,retrospec",
+        help="comma-separated: greedy, greedy-static, pld, assistant, retrospec, or sources joined by '+' "
+        "(context, suffix-index, recycling, documents, drafter); NAME@N gives a method its own budget (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        default="runs/bench",
+        help="output directory: absent, or holding only an earlier run's "
+        "results.json, outputs.jsonl, report.md, details.json and speedup.png (replaced); anything else is refused (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu")
     _add_store_args(p)
     p.add_argument("--batch-size", help="comma-separated batch sizes: throughput per batch size (the first turn of each prompt), "
@@ -327,7 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default: %(default)s)")
     p.add_argument("--verify", default="auto", choices=["auto", "dynamic", "static", "graph", "compile"],
                    help="verifier: graph (CUDA graph, the default on GPUs), static, dynamic (the default on CPUs)")
-    p.add_argument("--slots", type=int, default=64, help="tree nodes per step of the static/graph/compile verifiers when the budget is auto (default 64)")
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=64,
+        help="tree nodes per step of the static/graph/compile verifiers when the budget is auto (default 64)",
+    )
     p.add_argument("--profile", action="store_true", help="synchronise after each verification and report per-step host and device time")
     p.set_defaults(func=cmd_bench)
 

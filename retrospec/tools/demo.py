@@ -17,8 +17,8 @@ import torch
 
 import retrospec
 from retrospec.compat import pad_token_id
-from retrospec.sources.registry import default_sources
 from retrospec.models import DEFAULT_MODEL
+from retrospec.sources.registry import default_sources
 from retrospec.tools.prompts import PromptRecord, load_prompts, render
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ def run_demo(
     # warm-up (and the one-off step-cost measurement of budget="auto")
     warm = render(tokenizer, [{"role": "user", "content": "Hello"}])
     model.generate(warm, attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4, pad_token_id=pad)
-    retrospec.generate(model, warm, speculator=speculator, attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4, pad_token_id=pad)
+    retrospec.generate(
+        model, warm, speculator=speculator, attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4, pad_token_id=pad
+    )
 
     rows = []
     for record in records:

@@ -47,9 +47,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -250,7 +251,9 @@ def edit_json(data: Any, rng, outside: list[str]) -> tuple[Any, str]:
         value = parent[key]
         parent[key] = value + 1 if isinstance(value, int) and not isinstance(value, bool) else 1
     elif op == "traversal":
-        parent[key] = [f"../{Path(outside[0]).parent.name}/{Path(outside[0]).name}", outside[0], "/etc/passwd", "a/../../b"][int(rng.integers(4))]
+        parent[key] = [f"../{Path(outside[0]).parent.name}/{Path(outside[0]).name}", outside[0], "/etc/passwd", "a/../../b"][
+            int(rng.integers(4))
+        ]
     elif op == "duplicate":
         node = _at(data, path)
         if isinstance(parent, list):
@@ -300,24 +303,36 @@ class Format:
     def mutate(self, path: Path, rng, setup: Setup) -> str:
         raise NotImplementedError
 
-    def probe(self, path: Path, w: "Worker") -> Any:
+    def probe(self, path: Path, w: Worker) -> Any:
         raise NotImplementedError
 
-    def check(self, path: Path, w: "Worker") -> None:
+    def check(self, path: Path, w: Worker) -> None:
         """The full check, where the format has one (its clean error is fine)."""
 
-    def source(self, path: Path, w: "Worker"):
+    def source(self, path: Path, w: Worker):
         """The mutant as a draft source (None: the format is not one)."""
         return None
 
-    def write(self, op: str, path: Path, w: "Worker", scratch: Path) -> None:
+    def write(self, op: str, path: Path, w: Worker, scratch: Path) -> None:
         """A write that involves the mutant or a user folder."""
 
 
 def _dir_mutation(path: Path, rng, setup: Setup, files: list[str], crafted: Callable[[Path, dict, Any], str] | None) -> str:
     outside = [str(Path(setup.root) / "secret" / "key.bin")]
     manifest_path = path / "manifest.json"
-    kinds = ["flip", "flip", "truncate", "extend", "manifest", "manifest", "manifest-hostile", "manifest-hostile", "swap", "symlink", "crafted"]
+    kinds = [
+        "flip",
+        "flip",
+        "truncate",
+        "extend",
+        "manifest",
+        "manifest",
+        "manifest-hostile",
+        "manifest-hostile",
+        "swap",
+        "symlink",
+        "crafted",
+    ]
     kind = kinds[int(rng.integers(len(kinds)))]
     if kind in ("flip", "truncate", "extend"):
         name = files[int(rng.integers(len(files)))]
@@ -998,7 +1013,7 @@ class Tally:
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, fmt: str, outcome: str, flags: list[str], note: str) -> None:
-        row = self.counts.setdefault(fmt, {k: 0 for k in ("tried", *OUTCOMES, *EXTRA)})
+        row = self.counts.setdefault(fmt, dict.fromkeys(("tried", *OUTCOMES, *EXTRA), 0))
         row["tried"] += 1
         row[outcome] += 1
         for flag in flags:

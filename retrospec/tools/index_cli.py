@@ -128,7 +128,10 @@ def cmd_verify(args) -> int:
     from retrospec.datastores.suffix_index import verify_index
 
     result = verify_index(args.dir, tokenizer=tokenizer)
-    print(f"ok: {result['shards']} shard(s), {result['tokens_checked']:,} tokens, every byte and the suffix order checked in {time.perf_counter() - start:.1f}s")
+    print(
+        f"ok: {result['shards']} shard(s), {result['tokens_checked']:,} tokens, every byte and the suffix order checked "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 
@@ -171,9 +174,13 @@ def add_index_parser(sub) -> None:
     b.add_argument("--input", nargs="+", required=True, help="JSONL(.gz) files, text files or directories of source files")
     b.add_argument("--out", required=True, help=OUT_HELP)
     b.add_argument("--force", action="store_true", help=FORCE_HELP)
-    b.add_argument("--field", default="text", help="JSONL text field (default: %(default)s); chat records (conversations/messages) are detected")
+    b.add_argument(
+        "--field", default="text", help="JSONL text field (default: %(default)s); chat records (conversations/messages) are detected"
+    )
     b.add_argument("--chat-template", action="store_true", help="render chat records with the tokenizer's chat template")
-    b.add_argument("--glob", action="append", help="file pattern taken from directories (repeatable; default: common source and text files)")
+    b.add_argument(
+        "--glob", action="append", help="file pattern taken from directories (repeatable; default: common source and text files)"
+    )
     b.add_argument("--exclude", action="append", help="path pattern (relative to an input directory) to leave out (repeatable)")
     b.add_argument("--shard-tokens", type=int, default=1 << 28, help="most tokens per shard (default: %(default)s)")
     b.add_argument("--shard-per-input", action="store_true", help="write one shard per input")

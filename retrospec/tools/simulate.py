@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrospec.tools.prompts import read_jsonl
-from retrospec.sources.base import Verified
 from retrospec.drafting.speculator import Speculator
+from retrospec.sources.base import Verified
+from retrospec.tools.prompts import read_jsonl
 from retrospec.tree import DraftTree
 
 

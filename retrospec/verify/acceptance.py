@@ -61,7 +61,9 @@ def _walk(slot_tokens, parent_slots, preds, sizes, paths, lengths):
         lengths[b] = length
 
 
-def accept_greedy(slot_tokens: np.ndarray, parent_slots: np.ndarray, preds: np.ndarray, sizes: np.ndarray | None = None) -> list[Acceptance]:
+def accept_greedy(
+    slot_tokens: np.ndarray, parent_slots: np.ndarray, preds: np.ndarray, sizes: np.ndarray | None = None
+) -> list[Acceptance]:
     """Greedy acceptance of every row, from each slot's argmax ``preds`` (all ``[B, S]``;
     ``sizes [B]``: slots in use, default all).
 

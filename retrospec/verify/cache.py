@@ -133,7 +133,7 @@ class RowCache(Cache):
             layer.batch = int(keep.shape[0])
         self.batch = int(keep.shape[0])
 
-    def copy_rows(self, other: "RowCache", rows: torch.Tensor, length: int) -> None:
+    def copy_rows(self, other: RowCache, rows: torch.Tensor, length: int) -> None:
         """Copy ``other``'s first ``length`` indices of ``rows`` into this cache's rows
         ``0 .. len(rows) - 1`` (moving a batch to a smaller fixed-shape verifier)."""
         for mine, theirs in zip(self.layers, other.layers):

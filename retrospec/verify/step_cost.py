@@ -189,7 +189,7 @@ def time_static_steps(verifier, repeats: int = 5) -> StepCost:
     return StepCost(sizes=tuple(sizes), seconds=tuple(seconds), device=str(device), batch=verifier.batch, measured_at=time.time())
 
 
-_live: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+_live: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 _live_lock = threading.Lock()
 
 

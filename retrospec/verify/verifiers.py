@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -244,7 +245,9 @@ class _Base:
                                                  windows=self.windows, dtype=self.dtype, device=self.device)
         every = list(rows) == list(range(self.batch))
         self.cache.prepare(index, view=width, rows=None if every else torch.as_tensor(list(rows), device=self.device))
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{self.ckw: self.cache}, **self.keep_one)
+        out = self.model(
+            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{self.ckw: self.cache}, **self.keep_one
+        )
         return out.logits[:, -1]
 
     def keep(self, past: np.ndarray, accepted: Sequence[np.ndarray | None]) -> None:
@@ -290,7 +293,7 @@ class DynamicVerifier(_Base):
 class _Graph:
     """The fixed-shape step of one slot count: static inputs, the step, its captured graph."""
 
-    def __init__(self, verifier: "StaticVerifier", slots: int):
+    def __init__(self, verifier: StaticVerifier, slots: int):
         v, dev = verifier, verifier.device
         self.v, self.slots = v, slots
         self.ids = torch.zeros(v.batch, slots, dtype=torch.long, device=dev)
@@ -371,7 +374,7 @@ class StaticVerifier(_Base):
         if graph and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.graph, self.compile, self.topk = graph, compile, topk
-        self.node_options = tuple(sorted(set(int(n) for n in node_options)))
+        self.node_options = tuple(sorted({int(n) for n in node_options}))
         self.pin = self.device.type == "cuda"
         smax = self.node_options[-1] + 1
         self.past = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -449,7 +452,7 @@ class VerifierPool:
     True
     """
 
-    _pools: "weakref.WeakKeyDictionary[object, VerifierPool]" = weakref.WeakKeyDictionary()
+    _pools: ClassVar[weakref.WeakKeyDictionary[object, VerifierPool]] = weakref.WeakKeyDictionary()
     _pools_lock = threading.Lock()
 
     def __init__(self) -> None:
@@ -459,7 +462,7 @@ class VerifierPool:
         self._build_lock = threading.Lock()  # one capture or compile at a time
 
     @classmethod
-    def for_model(cls, model) -> "VerifierPool":
+    def for_model(cls, model) -> VerifierPool:
         """The pool of ``model`` (one per model object, shared by every thread)."""
         with cls._pools_lock:
             pool = cls._pools.get(model)

@@ -29,7 +29,7 @@ import weakref
 
 import retrospec
 
-_SPECULATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SPECULATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 

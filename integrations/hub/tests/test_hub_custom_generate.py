@@ -74,7 +74,7 @@ def test_extra_arguments_stats_streamer_documents_and_stop_strings(tiny):
     with pytest.raises(ValueError, match="document source"):
         model.generate(ids, custom_generate=HUB, trust_remote_code=True, documents=["x"], tokenizer=tok,
                        speculator=retrospec.Speculator([retrospec.ContextSource()]), **kw)
-    with pytest.raises(ValueError, match="trust_remote_code|custom generation code"):
+    with pytest.raises(ValueError, match=r"trust_remote_code|custom generation code"):
         model.generate(ids, custom_generate=HUB, **kw)
 
 

@@ -14,7 +14,6 @@ from langchain_core.messages import AIMessage, FunctionMessage, HumanMessage, Sy
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
-
 from langchain_retrospec import ChatRetrospec, with_documents
 from langchain_retrospec.chat_models import to_chat_turns
 
@@ -27,10 +26,10 @@ PROMPT = ChatPromptTemplate.from_messages(
 @pytest.fixture(scope="module")
 def tiny():
     """A ChatRetrospec over a tiny random Llama with the SmolLM2 tokenizer (wiring, not text)."""
+    import tempfile
+
     import retrospec
     from retrospec.testing import save_tiny_model
-
-    import tempfile
 
     path = save_tiny_model(tempfile.mkdtemp(prefix="tiny-lc-"))
     model, tok = retrospec.load_model(path)
@@ -116,7 +115,7 @@ def test_nq_rag_chain_identical_with_and_without_speculation():
     """BM25Retriever over NQ passages -> with_documents -> SmolLM2-135M fp32, on and off."""
     from langchain_community.retrievers import BM25Retriever
 
-    records = [json.loads(line) for line, _ in zip(open(NQ, encoding="utf-8"), range(12))]
+    records = [json.loads(line) for line in NQ.read_text(encoding="utf-8").splitlines()[:12]]
     docs = {}
     for record in records:
         for p in ast.literal_eval(record["passages"]) if isinstance(record["passages"], str) else record["passages"]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -152,7 +153,7 @@ class ChatRetrospec(BaseChatModel):
         return {"model_name": self.model_name, "dtype": self.dtype, "max_new_tokens": self.max_new_tokens,
                 "speculate": self.speculate, "budget": self.budget, **self.generation_kwargs}
 
-    def load(self) -> "ChatRetrospec":
+    def load(self) -> ChatRetrospec:
         """Load the model and build the shared speculator now (once; calls do it when needed)."""
         with self._lock:
             import retrospec

@@ -3,7 +3,8 @@ to the prompt (as text) and to retrospec's document source (as drafts)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from langchain_core.documents import Document
 from langchain_core.prompts import BasePromptTemplate

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 from haystack.components.generators.utils import _normalize_messages
@@ -162,7 +163,7 @@ class RetrospecChatGenerator:
         )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RetrospecChatGenerator":
+    def from_dict(cls, data: dict[str, Any]) -> RetrospecChatGenerator:
         """Rebuild a component from :meth:`to_dict`'s output."""
         params = data.get("init_parameters", {})
         if params.get("streaming_callback"):
