@@ -6,6 +6,8 @@ token, every accepted slot and every cache move below is computed by hand.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from helpers import FixedTreeSource
@@ -139,3 +141,27 @@ def test_when_speculation_cannot_pay_the_loop_decodes_plainly_and_pauses_draftin
     assert results[0].tokens == [(4 + i) % 10 for i in range(20)]
     assert all(f.input_ids.shape[1] == 1 for f in verifier.forwards)  # plain steps only
     assert Counting.calls < len(verifier.forwards) / 2  # drafting paused for 1, 2, 4 ... steps
+
+
+def test_where_drafting_is_cheap_against_a_step_it_never_pauses():
+    class Counting(FixedTreeSource):
+        calls = 0
+
+        def propose(self, context, max_nodes, max_depth):
+            Counting.calls += 1
+            return super().propose(context, max_nodes, max_depth)
+
+    class SlowVerifier(ScriptedVerifier):  # a CPU's step: ~50x what drafting costs
+        def verify(self, *args, **kwargs):
+            time.sleep(0.02)
+            return super().verify(*args, **kwargs)
+
+    steep = LiveCost({1: StepCost(sizes=(1, 2), seconds=(0.02, 0.04))})  # a node still costs a whole step
+    source = Counting(DraftTree.from_paths([[4, 5]], [[0.5, 0.2]]))
+    verifier = SlowVerifier(1)
+    results, _ = decode(ScriptedModel(), [Request(np.array([2, 3]))], retrospec.Speculator([source], budget="auto"),
+                        settings(12), VerifierConfig(), verifier=verifier, cost=steep)
+    assert results[0].tokens == [(4 + i) % 10 for i in range(12)]
+    assert all(f.input_ids.shape[1] == 1 for f in verifier.forwards)  # plain steps only...
+    # ...and each looked at (the next draft may pay), but the last: it has room for the bonus token only
+    assert Counting.calls == len(verifier.forwards) - 1

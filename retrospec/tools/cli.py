@@ -262,7 +262,8 @@ def cmd_demo(args) -> int:
     for row in rows:
         print(f"\n=== {row.kind} ===\n{row.text.strip()}")
     print()
-    table = [[r.kind, r.tokens, r.mat, r.plain_tok_s, r.spec_tok_s, f"{r.speedup:.2f}×", "yes" if r.identical else "NO"] for r in rows]
+    table = [[r.kind, r.tokens, r.mat, r.tree, r.plain_tok_s, r.spec_tok_s, f"{r.speedup:.2f}×", "yes" if r.identical else "NO"]
+             for r in rows]
     tokens = sum(r.tokens for r in rows)
     plain_s = sum(r.tokens / r.plain_tok_s for r in rows if r.plain_tok_s)
     spec_s = sum(r.tokens / r.spec_tok_s for r in rows if r.spec_tok_s)
@@ -271,13 +272,14 @@ def cmd_demo(args) -> int:
             "all",
             tokens,
             "",
+            "",
             tokens / plain_s,
             tokens / spec_s,
             f"{plain_s / spec_s:.2f}×",
             "yes" if all(r.identical for r in rows) else "NO",
         ]
     )
-    print(format_table(["prompt", "tokens", "MAT", "plain tok/s", "retrospec tok/s", "speedup", "identical"], table))
+    print(format_table(["prompt", "tokens", "MAT", "mean tree", "plain tok/s", "retrospec tok/s", "speedup", "identical"], table))
     return 0 if all(r.identical for r in rows) else 1
 
 

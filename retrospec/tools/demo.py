@@ -29,6 +29,8 @@ class DemoRow:
     kind: str
     tokens: int
     mat: float
+    tree: float
+    """Mean draft nodes verified per step."""
     plain_tok_s: float
     spec_tok_s: float
     identical: bool
@@ -97,6 +99,7 @@ def run_demo(
                 kind=record.category,
                 tokens=n,
                 mat=out.stats.mean_accepted,
+                tree=out.stats.mean_tree_size,
                 plain_tok_s=(reference.shape[1] - ids.shape[1]) / plain_s,
                 spec_tok_s=n / spec_s,
                 identical=torch.equal(reference, out.sequences),
