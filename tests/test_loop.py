@@ -131,6 +131,7 @@ def test_when_speculation_cannot_pay_the_loop_decodes_plainly_and_pauses_draftin
 
         def propose(self, context, max_nodes, max_depth):
             Counting.calls += 1
+            time.sleep(0.005)  # drafting dearer than the (scripted, instant) step, whatever the machine's load
             return super().propose(context, max_nodes, max_depth)
 
     steep = LiveCost({1: StepCost(sizes=(1, 2), seconds=(1.0, 2.0))})  # each slot costs a whole step

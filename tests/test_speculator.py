@@ -141,11 +141,11 @@ def test_a_cost_measured_under_load_is_not_kept(isolated_cache, monkeypatch):
 def test_the_batch_budget_shrinks_trees_as_the_step_gets_dearer():
     rows = [np.array([0.9, 0.6, 0.3, 0.1])] * 4
     assert expected_tokens(rows, 2) == pytest.approx(4 * 2.5)
-    cheap = lambda slots: 1.0  # noqa: E731  (a flat step: the deepest tree pays)
+    cheap = lambda slots: np.ones(np.shape(slots))  # noqa: E731  (a flat step: the deepest tree pays)
     assert choose_nodes(rows, range(5), cheap) == 4
     linear = lambda slots: 1.0 + 0.45 * (slots - 1)  # noqa: E731  (each slot costs 45% of a plain step)
     assert choose_nodes(rows, range(5), linear) == 2  # 2.5 / 1.9 beats 1.9 / 1.45 and 2.8 / 2.35
-    steep = lambda slots: float(slots)  # noqa: E731  (a CPU at its limit: plain decoding)
+    steep = lambda slots: np.asarray(slots, float)  # noqa: E731  (a CPU at its limit: plain decoding)
     assert choose_nodes(rows, range(5), steep) == 0
 
 

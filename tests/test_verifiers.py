@@ -85,3 +85,32 @@ def test_calls_without_a_speculator_share_the_models_default(caplog):
     with caplog.at_level("WARNING"):
         retrospec.generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0, documents=["some text"])
     assert "no document source" in caplog.text  # documents that nothing reads are not dropped silently
+
+
+@pytest.mark.slow
+def test_one_dynamic_compile_serves_every_static_shape():
+    """The compiled step (CPU inductor here) gives the eager step's logits for several
+    batch sizes and cache capacities, and compiles once for all rows > 1 (a shape that
+    changes only a row count or a capacity is no new compile)."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+
+    from retrospec.tree import DraftTree
+    from retrospec.verify.verifiers import StaticVerifier
+
+    model = tiny_model("llama")
+    rng = np.random.default_rng(0)
+    graphs = []
+    with torch.no_grad():
+        for batch, capacity in [(2, 64), (4, 64), (4, 128)]:
+            trees = [DraftTree.from_paths([rng.integers(0, 90, size=rng.integers(1, 3)).tolist() for _ in range(2)]) for _ in range(batch)]
+            roots, past = rng.integers(0, 90, batch).tolist(), np.full(batch, 24)
+            logits = []
+            for compile in (False, True):
+                v = StaticVerifier(model, {"full_attention": None}, batch, capacity, (4,), compile=compile)
+                v.warm()
+                v.prefill([np.arange(24) % 90] * batch, list(range(batch)))
+                logits.append(v.verify(trees, roots, past, 4).logits.clone())
+            torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2] == graphs[1] <= graphs[0] + 1, graphs

@@ -117,14 +117,20 @@ class LiveCost:
         base = self.priors[top]
         return StepCost(base.sizes, tuple(s * batch / top for s in base.seconds), base.context, base.device, batch)
 
-    def __call__(self, slots: float, batch: int = 1) -> float:
+    def __call__(self, slots: float | np.ndarray, batch: int = 1) -> float | np.ndarray:
+        """Seconds of a step of ``slots`` per row (a number, or an array of them at once)."""
+        x = np.asarray(slots)
         with self._lock:
-            cell = self._cells.get((batch, int(slots)))
             step = self._steps.get(batch, 0)
             ratio = self._ratio.get(batch, 1.0)
-        if cell is not None and step - cell[1] <= self.fresh:
-            return cell[0]
-        return float(self.prior(batch)(slots)) * ratio
+            fresh = {s: sec for (b, s), (sec, seen) in self._cells.items() if b == batch and step - seen <= self.fresh}
+        if x.ndim == 0:
+            found = fresh.get(int(x))
+            return found if found is not None else float(self.prior(batch)(x)) * ratio
+        out = np.asarray(self.prior(batch)(x.astype(np.float64)), np.float64) * ratio
+        for s, sec in fresh.items():
+            out[x == s] = sec
+        return out
 
     def observe(self, slots: int, batch: int, seconds: float) -> None:
         """Record the measured wall time of one step (host work included)."""
@@ -152,21 +158,25 @@ def expected_tokens(row_scores: Sequence[np.ndarray], nodes: int) -> float:
     return float(sum(1.0 + float(s[:nodes].sum()) for s in row_scores))
 
 
-def choose_nodes(row_scores: Sequence[np.ndarray], options: Sequence[int], cost: Callable[[int], float]) -> int:
+def choose_nodes(row_scores: Sequence[np.ndarray], options: Sequence[int], cost: Callable[[np.ndarray], np.ndarray]) -> int:
     """The tree size (nodes per row, one of ``options``) that maximises the batch's expected
-    committed tokens per second; ``cost(slots)`` is the step's seconds with ``slots``
-    (root + nodes) per row. Ties go to the smaller tree.
+    committed tokens per second; ``cost(slots)`` gives the step's seconds for an array of
+    slot counts (root + nodes per row), all options in one call. Ties go to the smaller tree.
 
-    >>> flat = lambda slots: 1.0 if slots <= 2 else 2.0      # the 2nd node is free, the 3rd not
+    >>> flat = lambda slots: np.where(slots <= 2, 1.0, 2.0)   # the 2nd node is free, the 3rd not
     >>> choose_nodes([np.array([0.9, 0.5])], range(3), flat)
     1
     """
-    best, best_rate = 0, -1.0
-    for n in sorted({int(o) for o in options}):
-        rate = expected_tokens(row_scores, n) / cost(n + 1)
-        if rate > best_rate * (1.0 + 1e-9):
-            best, best_rate = n, rate
-    return best
+    nodes = np.unique(np.asarray(list(options), np.int64))
+    if nodes.shape[0] == 0:
+        return 0
+    # tokens(n) = sum over rows of 1 + (the row's n best scores), every n at once
+    tokens = np.full(nodes.shape[0], float(len(row_scores)))
+    for scores in row_scores:
+        sums = np.concatenate([[0.0], np.cumsum(scores, dtype=np.float64)])
+        tokens += sums[np.minimum(nodes, scores.shape[0])]
+    rate = tokens / np.broadcast_to(np.asarray(cost(nodes + 1), np.float64), nodes.shape)
+    return int(nodes[np.argmax(rate >= rate.max() / (1.0 + 1e-9))])
 
 
 def choose_budget(scores: np.ndarray, cost: StepCost, max_budget: int) -> int:
@@ -182,4 +192,4 @@ def choose_budget(scores: np.ndarray, cost: StepCost, max_budget: int) -> int:
     if scores.shape[0] == 0 or max_budget <= 0:
         return 0
     best_first = np.sort(scores)[::-1][:max_budget].astype(np.float64)
-    return choose_nodes([best_first], range(best_first.shape[0] + 1), lambda slots: float(cost(slots)))
+    return choose_nodes([best_first], range(best_first.shape[0] + 1), cost)

@@ -53,17 +53,26 @@ class Run:
 
 class ForwardCounter:
     """Counts calls of ``model.forward`` (forward pre-hook) and times the end of the first
-    call after :meth:`arm` (forward hook): the prefill, the same for every method."""
+    one (forward hook): the prefill, the same for every method. Attached only while a
+    plain method runs (``with counter:``): a hook on the model would split a compiled
+    verification step into frames that every static verifier shares and recompiles."""
 
     def __init__(self, model):
+        self.model = model
         self.calls = 0
         self.first_end: float | None = None
-        self._armed = False
         self._cuda = next(model.parameters()).device.type == "cuda"
-        self._handles = [model.register_forward_pre_hook(self._hook), model.register_forward_hook(self._end)]
+        self._handles: list = []
 
-    def arm(self) -> None:
-        self.first_end, self._armed = None, True
+    def __enter__(self) -> ForwardCounter:
+        self.first_end = None
+        self._handles = [self.model.register_forward_pre_hook(self._hook), self.model.register_forward_hook(self._end)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     @torch.compiler.disable  # an int counter traced by torch.compile would force a recompile per call
     def _hook(self, module, args):
@@ -71,14 +80,10 @@ class ForwardCounter:
 
     @torch.compiler.disable
     def _end(self, module, args, output):
-        if self._armed:
+        if self.first_end is None:
             if self._cuda:
                 torch.cuda.synchronize()
-            self.first_end, self._armed = time.perf_counter(), False
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+            self.first_end = time.perf_counter()
 
 
 def _new_tokens(sequences: torch.Tensor, prompt_len: int) -> list[int]:
@@ -89,16 +94,21 @@ class Method:
     """A way of generating; subclasses implement ``_generate``."""
 
     name: str = ""
+    speculates = False
+    """A retrospec method (its statistics count its steps), not a plain ``generate``."""
 
     def __init__(self, name: str, model, tokenizer):
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.counter = ForwardCounter(model)
 
     def run(self, ids: torch.Tensor, record: PromptRecord, max_new_tokens: int) -> Run:
-        calls = self.counter.calls
-        self.counter.arm()
         start = time.perf_counter()
-        tokens, stats = self._generate(ids, record, max_new_tokens)
+        if self.speculates:  # its own statistics count the steps and time the prefill
+            tokens, stats = self._generate(ids, record, max_new_tokens)
+            return Run(tokens, stats.steps, time.perf_counter() - start, stats, stats.seconds.get("prefill", 0.0))
+        calls = self.counter.calls
+        with self.counter:
+            tokens, stats = self._generate(ids, record, max_new_tokens)
         seconds = time.perf_counter() - start
         prefill = (self.counter.first_end - start) if self.counter.first_end is not None else 0.0
         forwards = self.counter.calls - calls
@@ -129,6 +139,8 @@ class PlainMethod(Method):
 
 class SpecMethod(Method):
     """``retrospec.generate`` with one Speculator kept for the whole run (it learns online)."""
+
+    speculates = True
 
     def __init__(self, name, model, tokenizer, speculator: Speculator, verifier: VerifierConfig, use_documents: bool = False):
         super().__init__(name, model, tokenizer)
@@ -431,7 +443,6 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
             tally.identical = int(produced == reference_tokens)
             result.tallies[m.name].setdefault(record.category, Tally()).add(tally)
     for m in methods:
-        m.counter.close()
         total = result.overall(m.name)
         result.details.setdefault(m.name, {})["decode"] = {
             "prefill_seconds": round(total.prefill_seconds, 3),

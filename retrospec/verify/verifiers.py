@@ -290,6 +290,39 @@ class DynamicVerifier(_Base):
         return True
 
 
+def verify_step(v: StaticVerifier, ids: torch.Tensor, pos: torch.Tensor, sees: torch.Tensor, past: torch.Tensor,
+                move_src: torch.Tensor, move_dst: torch.Tensor):
+    """One fixed-shape verification of ``v``: last step's accepted slots moved into place,
+    the mask laid out, the forward, argmax and top-k — ``(logits, preds, top)``. The
+    per-step tensors are arguments, not attributes, so that a compile sees their sizes as
+    dynamic from the first call."""
+    v.cache.move(move_src, move_dst)
+    mask = attention_mask(sees, past, past, pos, pos, v.capacity, v.windows, v.dtype)
+    logits = v.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, **{v.ckw: v.cache}).logits
+    preds = logits.argmax(dim=-1)
+    top = logits.topk(v.topk, dim=-1).indices if v.topk else None
+    return logits, preds, top
+
+
+_compiled: list = []
+_compiled_lock = threading.Lock()
+
+
+def compiled_step():
+    """:func:`verify_step` compiled once per process with dynamic shapes: every batch
+    bucket, slot count and cache capacity shares the compiled code (dynamo specialises
+    only sizes 0 and 1, so a handful of compiles serve every shape instead of one compile
+    of ~1-3 minutes per shape); each shape is then captured as its own CUDA graph."""
+    with _compiled_lock:
+        if not _compiled:
+            import torch._dynamo  # its public config
+
+            # several models or cache layouts in one process are each a recompile
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            _compiled.append(torch.compile(verify_step, dynamic=True))
+        return _compiled[0]
+
+
 class _Graph:
     """The fixed-shape step of one slot count: static inputs, the step, its captured graph."""
 
@@ -307,29 +340,20 @@ class _Graph:
         self.host_t = [torch.from_numpy(a) for a in (self.host.input_ids, self.host.positions, self.host.sees)]
         self.out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.graph = None
-        if v.compile:
-            from torch import _dynamo
+        self.fn = compiled_step() if v.compile else verify_step
+        self.args = (self.ids, self.pos, self.sees, v.past, v.move_src, v.move_dst)
 
-            # every (batch, slots, capacity) shape is one more compile of the same step: more
-            # than dynamo's default of 8 per function in a process that serves several batches
-            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 256)
-        self.fn = torch.compile(self._step, dynamic=False) if v.compile else self._step
-
-    def _step(self):
-        v = self.v
-        v.cache.move(v.move_src, v.move_dst)
-        mask = attention_mask(self.sees, v.past, v.past, self.pos, self.pos, v.capacity, v.windows, v.dtype)
-        logits = v.model(input_ids=self.ids, position_ids=self.pos, attention_mask=mask, use_cache=True, **{v.ckw: v.cache}).logits
-        preds = logits.argmax(dim=-1)
-        top = logits.topk(v.topk, dim=-1).indices if v.topk else None
-        return logits, preds, top
-
-    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def prepare(self) -> None:
+        """Each row's slots write right behind its committed tokens."""
         v = self.v
         torch.add(v.past[:, None], v.arange[: self.slots][None], out=self.index)
         v.cache.prepare(self.index, view=v.capacity)
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        v = self.v
+        self.prepare()
         if not v.graph:
-            return self.fn()
+            return self.fn(v, *self.args)
         if self.graph is None:
             self.capture()
         self.graph.replay()
@@ -345,11 +369,11 @@ class _Graph:
         stream.wait_stream(torch.cuda.current_stream(v.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.fn()
+                self.fn(v, *self.args)
         torch.cuda.current_stream(v.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.out = self.fn()
+            self.out = self.fn(v, *self.args)
         self.graph = graph
         log.info("retrospec: captured the %d x %d-slot verification as a CUDA graph (cache %d)", v.batch, self.slots, v.capacity)
 
@@ -392,6 +416,11 @@ class StaticVerifier(_Base):
         run later outside a request would overwrite the rows' keys and values."""
         from retrospec.verify.step_cost import time_static_steps
 
+        if self.compile:  # one eager step first: the cache allocates its tensors, and the
+            first = next(iter(self.steps.values()))  # compile never sees them missing
+            self.past.zero_()
+            first.prepare()
+            verify_step(self, *first.args)
         for step in self.steps.values():
             self.past.zero_()
             step.run()
