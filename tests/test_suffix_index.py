@@ -354,3 +354,57 @@ def test_query_says_what_it_takes(tmp_path):
     with pytest.raises(ValueError, match="max_depth must be >= 0"):
         index.query([1, 2], max_depth=-1)
     assert len(index.query(np.array([2**62, -5, 3]))) >= 0  # ids no shard has: no draft, no crash
+
+
+def per_shard_reference(index: SuffixIndex, context: np.ndarray, max_nodes: int):
+    """The query as a Python loop over shards (the form before the one fan-out kernel), built
+    from the public per-shard kernels: what ``SuffixIndex.query`` must equal."""
+    from retrospec.datastores.suffix_index import PENDING, gather, longest_suffix
+    from retrospec.sources.trie import continuation_trie
+    from retrospec.tree import DraftTree
+
+    cfg = index.config
+    tail = np.asarray(context[-cfg.max_ngram :], np.int64)
+    pend = np.zeros(PENDING + 1, np.int64)
+    found = []
+    for shard in index.shards:
+        m, lo, hi = longest_suffix(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, shard.local(tail),
+                                   cfg.max_ngram, checks=shard.checks(pend, 2))
+        if m >= cfg.min_ngram:
+            found.append((m, lo, hi, shard))
+    if not found:
+        return DraftTree.empty()
+    best = max(f[0] for f in found)
+    found = [f for f in found if f[0] == best]
+    total = sum(hi - lo for _, lo, hi, _ in found)
+    rows = np.full((cfg.max_matches + len(found), cfg.max_depth), -1, np.int64)
+    used = 0
+    for m, lo, hi, shard in found:
+        take = max(1, (cfg.max_matches * (hi - lo)) // total)
+        start = used
+        used += gather(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, lo, hi, m, take, cfg.max_depth,
+                       shard.sep, rows, used, shard.checks(pend, 2))
+        block = rows[start:used]
+        block[block >= 0] = shard.vocab[block[block >= 0]]
+    return continuation_trie(rows[:used], None, root_conf=best / (best + 1.0), decay=0.95, smoothing=1.0, max_nodes=max_nodes)
+
+
+def test_the_fan_out_kernel_equals_the_per_shard_loop(tmp_path):
+    """One compiled call over all shards gives, tree for tree, what a Python loop over the
+    shards gives: over 12 shards with different vocabularies, counts above max_matches (the
+    occurrences shared out by count) and contexts that match nowhere, in some shards, in all."""
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(1, 30 if i % 3 else 9, rng.integers(3, 60)).tolist() for i in range(400)]
+    index = build(tmp_path, docs, shard_tokens=800)
+    assert len(index.shards) >= 12
+    index.config = SuffixConfig(min_ngram=1, max_matches=16, max_depth=6)
+    contexts = [docs[i][: int(rng.integers(1, len(docs[i]) + 1))] for i in rng.integers(0, len(docs), 300)]
+    contexts += [[99], [29, 29, 29, 29], rng.integers(1, 30, 40).tolist()]
+    nonempty = 0
+    for context in contexts:
+        got = index.query(np.asarray(context, np.int64), 48)
+        want = per_shard_reference(index, np.asarray(context, np.int64), 48)
+        assert got.tokens.tolist() == want.tokens.tolist() and got.parents.tolist() == want.parents.tolist()
+        assert np.array_equal(got.scores, want.scores)
+        nonempty += len(got) > 0
+    assert nonempty > 250

@@ -124,6 +124,7 @@ PAD = 8
 
 def _bits_get_py(data, i, w):
     """``bits_get`` for interpreted kernels: one 8-byte read instead of a loop over numpy scalars."""
+    w = int(w)  # numpy ints overflow in the shifts below
     bit = int(i) * w
     byte = bit >> 3
     return (int.from_bytes(data[byte : byte + 8], "little") >> (bit & 7)) & ((1 << w) - 1)
@@ -426,6 +427,101 @@ def gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0, checks: B
     return _gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0, c.tokens, c.sa, c.shift, c.pend, c.stamp)
 
 
+@njit()
+def _fan_out(toks, sas, vocabs, top_toks, top_lens, top_oks, tstates, sstates, params, tail, max_m, min_m, max_matches, depth,
+             out, pend, stamp):
+    """One query over every shard in one compiled call; returns ``(rows written, match length)``.
+
+    1. per shard: the context's tail in the shard's own ids (``-1``: a token it never saw),
+       then the longest suffix that occurs there and its row range;
+    2. the longest of those (shards with a shorter match add nothing: their continuations
+       follow less context); none at least ``min_m`` long: no rows;
+    3. ``max_matches`` occurrences shared out over the shards that match in proportion to
+       their counts (at least one each), gathered into ``out`` and mapped back to global ids.
+
+    ``params[i]`` is ``(n, token_bits, sa_bits, sep, block_shift)`` of shard ``i``; ``pend[i]``
+    collects the blocks it read that are not verified yet. Invariant: every read of shard
+    ``i`` stays inside its arrays (see the kernels above), whatever the bytes say.
+    """
+    k = params.shape[0]
+    found = np.zeros((k, 3), np.int64)  # m, lo, hi
+    local = np.empty(tail.shape[0], np.int64)
+    for i in range(k):
+        n, tw, sw, shift = params[i, 0], params[i, 1], params[i, 2], params[i, 4]
+        vocab = vocabs[i]
+        for j in range(tail.shape[0]):  # global -> local ids (vocab is sorted)
+            p = np.searchsorted(vocab, tail[j])
+            local[j] = p if p < vocab.shape[0] and vocab[p] == tail[j] else -1
+        m, lo, hi = _longest_suffix(toks[i], tw, sas[i], sw, n, local, max_m, top_toks[i], top_lens[i], top_oks[i], tstates[i],
+                                    sstates[i], shift, pend[i], stamp)
+        found[i, 0], found[i, 1], found[i, 2] = m, lo, hi
+    best = 0
+    for i in range(k):
+        best = max(best, found[i, 0])
+    if best < min_m:
+        return 0, best
+    total = 0
+    for i in range(k):
+        if found[i, 0] == best:
+            total += found[i, 2] - found[i, 1]
+    used = 0
+    for i in range(k):
+        if found[i, 0] != best:
+            continue
+        lo, hi = found[i, 1], found[i, 2]
+        take = max(1, (max_matches * (hi - lo)) // total)
+        start = used
+        used += _gather(toks[i], params[i, 1], sas[i], params[i, 2], params[i, 0], lo, hi, best, take, depth, params[i, 3], out,
+                        used, tstates[i], sstates[i], params[i, 4], pend[i], stamp)
+        vocab = vocabs[i]
+        for r in range(start, used):  # back to global ids (gather keeps local ids < sep)
+            for d in range(depth):
+                t = out[r, d]
+                if t >= 0:
+                    out[r, d] = vocab[t]
+    return used, best
+
+
+class FanOut(NamedTuple):
+    """Every shard's arrays side by side, as the one kernel that queries them all takes them
+    (numba typed lists once compiled, plain lists when interpreted)."""
+
+    tokens: Sequence
+    sa: Sequence
+    vocab: Sequence
+    top_tokens: Sequence
+    top_length: Sequence
+    top_filled: Sequence
+    tokens_state: Sequence
+    sa_state: Sequence
+    params: np.ndarray  # int64 [shards, 5]: n, token_bits, sa_bits, sep, block_shift
+
+    @classmethod
+    def of(cls, shards: list[Shard]) -> FanOut:
+        from retrospec import jit
+
+        def listed(values):
+            if not jit.ENABLED:
+                return list(values)
+            from numba.typed import List
+
+            out = List()
+            for v in values:
+                out.append(v)
+            return out
+
+        def readonly(a):  # one array type per list: mapped files are read-only, so are the rest
+            v = a.view()
+            v.flags.writeable = False
+            return v
+
+        params = np.array([[s.n, s.token_bits, s.sa_bits, s.sep, s.block_shift] for s in shards], np.int64).reshape(-1, 5)
+        return cls(listed(readonly(s.tokens) for s in shards), listed(readonly(s.sa) for s in shards),
+                   listed(np.ascontiguousarray(s.vocab, np.int64) for s in shards), listed(s.top.tokens for s in shards),
+                   listed(s.top.length for s in shards), listed(s.top.filled for s in shards),
+                   listed(s.tokens_state for s in shards), listed(s.sa_state for s in shards), params)
+
+
 # --------------------------------------------------------------------------- the index
 @dataclass
 class Shard:
@@ -596,6 +692,7 @@ class SuffixIndex:
         self._lock = threading.Lock()  # queries fill the shards' top levels
         self._stamps = itertools.count()
         self._bytes = sum(f["bytes"] for shard in manifest["shards"] for f in shard["files"].values())
+        self._fan = FanOut.of(shards)
 
     @classmethod
     def open(cls, root: str | Path, tokenizer=None, config: SuffixConfig | None = None) -> SuffixIndex:
@@ -658,40 +755,23 @@ class SuffixIndex:
         depth = min(cfg.max_depth, max_depth if max_depth is not None else cfg.max_depth)
         if depth <= 0 or max_nodes <= 0 or context.shape[0] == 0:
             return DraftTree.empty()
-        tail = np.asarray(context[-cfg.max_ngram :], np.int64)
-        pend = np.empty(PENDING + 1, np.int64)
-        pend[0] = 0
-        stamp = 2 + next(self._stamps) % ((1 << 32) - 2)  # never VERIFIED, never 0
-        found = []
         for shard in self.shards:
             if shard.bad:
                 raise IndexFormatError(shard.bad)
-            top = shard.top
-            with self._lock:  # the kernels themselves (not their wrappers): this is the hot path
-                m, lo, hi = _longest_suffix(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, shard.local(tail),
-                                            cfg.max_ngram, top.tokens, top.length, top.filled, shard.tokens_state,
-                                            shard.sa_state, shard.block_shift, pend, stamp)
-            if pend[0]:  # blocks read for the first time (rare once a process is warm)
-                shard.verify_blocks(pend)
-            if m >= cfg.min_ngram:
-                found.append((m, lo, hi, shard))
-        if not found:
+        tail = np.asarray(context[-cfg.max_ngram :], np.int64)
+        fan = self._fan
+        pend = np.empty((len(self.shards), PENDING + 1), np.int64)  # one list of noted blocks per shard
+        pend[:, 0] = 0
+        stamp = 2 + next(self._stamps) % ((1 << 32) - 2)  # never VERIFIED, never 0
+        rows = np.full((cfg.max_matches + len(self.shards), depth), -1, np.int64)
+        with self._lock:  # the kernel fills the shards' top levels
+            used, best = _fan_out(fan.tokens, fan.sa, fan.vocab, fan.top_tokens, fan.top_length, fan.top_filled,
+                                  fan.tokens_state, fan.sa_state, fan.params, tail, cfg.max_ngram, cfg.min_ngram,
+                                  cfg.max_matches, depth, rows, pend, stamp)
+        for i in np.flatnonzero(pend[:, 0]).tolist():  # blocks read for the first time (rare once a process is warm)
+            self.shards[i].verify_blocks(pend[i])  # checked before the answer is used
+        if used == 0:
             return DraftTree.empty()
-        best = max(f[0] for f in found)
-        found = [f for f in found if f[0] == best]
-        total = sum(hi - lo for _, lo, hi, _ in found)
-        rows = np.full((cfg.max_matches + len(found), depth), -1, np.int64)
-        used = 0
-        for m, lo, hi, shard in found:
-            take = max(1, (cfg.max_matches * (hi - lo)) // total)
-            start = used
-            used += _gather(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, lo, hi, m, take, depth, shard.sep,
-                            rows, used, shard.tokens_state, shard.sa_state, shard.block_shift, pend, stamp)
-            if pend[0]:
-                shard.verify_blocks(pend)
-            block = rows[start:used]
-            valid = block >= 0
-            block[valid] = shard.vocab[block[valid]]  # back to global ids (gather keeps local ids < sep)
         # counts as scores, +1 smoothing: one occurrence is weaker evidence than fifty
         return continuation_trie(rows[:used], None, root_conf=best / (best + 1.0), decay=0.95, smoothing=1.0, max_nodes=max_nodes)
 
