@@ -146,6 +146,22 @@ def document_starts(lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(lengths + 1) - lengths - 1
 
 
+DENSE_IDS = 1 << 26
+"""Largest token id for which a shard's vocabulary is found by counting (O(n)), not sorting."""
+
+
+def _local_ids(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct ids of ``flat`` (``uint32``) and each token's rank among them."""
+    top = int(flat.max()) if flat.shape[0] else 0
+    if top >= DENSE_IDS:  # a sparse id space: sort
+        vocab = np.unique(flat).astype(np.uint32)
+        return vocab, np.searchsorted(vocab, flat).astype(np.uint32)
+    vocab = np.flatnonzero(np.bincount(flat, minlength=top + 1)).astype(np.uint32)
+    rank = np.zeros(top + 1, np.uint32)
+    rank[vocab] = np.arange(vocab.shape[0], dtype=np.uint32)
+    return vocab, rank[flat]
+
+
 def write_shard_tokens(root: Path, name: str, flat: np.ndarray, lengths: np.ndarray, block_bytes: int = BLOCK_BYTES
                        ) -> tuple[dict, np.ndarray]:
     """Write shard ``root/name`` from its documents' global token ids end to end (``flat``)
@@ -153,7 +169,7 @@ def write_shard_tokens(root: Path, name: str, flat: np.ndarray, lengths: np.ndar
     The same documents give the same bytes, whoever writes them (serial or distributed)."""
     lengths = np.asarray(lengths, np.int64)
     n_docs = lengths.shape[0]
-    vocab = np.unique(flat).astype(np.uint32)
+    vocab, local_ids = _local_ids(flat)
     token_bits = bits_for(vocab.shape[0])  # local ids 0..distinct-1, the separator = distinct
     sep = vocab.shape[0]
     local = np.empty(flat.shape[0] + n_docs, np.uint32)
@@ -162,7 +178,8 @@ def write_shard_tokens(root: Path, name: str, flat: np.ndarray, lengths: np.ndar
     is_sep = np.zeros(local.shape[0], bool)
     is_sep[ends - 1] = True
     local[is_sep] = sep
-    local[~is_sep] = np.searchsorted(vocab, flat)
+    local[~is_sep] = local_ids
+    del local_ids
     # sort the narrowest integer type that holds the ids: fewer bytes for libdivsufsort
     sa = suffix_array(local.astype(np.uint16) if sep < (1 << 16) else local)
     sa_bits = bits_for(max(local.shape[0] - 1, 1))

@@ -390,6 +390,30 @@ def _longest_suffix(tok, tw, sa, sw, n, context, max_m, top_tok, top_len, top_ok
     return lo_m, best_lo, best_hi
 
 
+@njit()
+def _longest_from(tok, tw, sa, sw, n, context, max_m, floor, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+    """``_longest_suffix`` when only matches of at least ``floor >= 1`` tokens count: ``(0, 0, 0)``
+    unless ``context[-floor:]`` occurs (one search), else the same answer."""
+    c = context.shape[0]
+    limit = 0
+    while limit < min(max_m, c) and context[c - 1 - limit] >= 0:
+        limit += 1
+    if floor > limit:
+        return 0, 0, 0
+    best_lo, best_hi = _sa_range(tok, tw, sa, sw, n, context[c - floor :], floor, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+    if best_hi <= best_lo:
+        return 0, 0, 0
+    lo_m, hi_m = floor, limit
+    while lo_m < hi_m:  # occurrence is monotone in m: binary search the longest
+        mid = (lo_m + hi_m + 1) // 2
+        a, b = _sa_range(tok, tw, sa, sw, n, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+        if b > a:
+            lo_m, best_lo, best_hi = mid, a, b
+        else:
+            hi_m = mid - 1
+    return lo_m, best_lo, best_hi
+
+
 def longest_suffix(tok, tw, sa, sw, n, context, max_m, top: TopLevels = _NO_TOP, checks: BlockChecks | None = None) -> tuple[int, int, int]:
     """Largest ``m <= max_m`` such that ``context[-m:]`` occurs, with its row range.
 
@@ -433,9 +457,10 @@ def _fan_out(toks, sas, vocabs, top_toks, top_lens, top_oks, tstates, sstates, p
     """One query over every shard in one compiled call; returns ``(rows written, match length)``.
 
     1. per shard: the context's tail in the shard's own ids (``-1``: a token it never saw),
-       then the longest suffix that occurs there and its row range;
-    2. the longest of those (shards with a shorter match add nothing: their continuations
-       follow less context); none at least ``min_m`` long: no rows;
+       then the longest suffix that occurs there and its row range, among those at least as
+       long as the longest found so far (a shorter match adds nothing: its continuations
+       follow less context), so most shards cost one search, not a binary search over lengths;
+    2. the longest of those; none at least ``min_m`` long: no rows;
     3. ``max_matches`` occurrences shared out over the shards that match in proportion to
        their counts (at least one each), gathered into ``out`` and mapped back to global ids.
 
@@ -446,18 +471,17 @@ def _fan_out(toks, sas, vocabs, top_toks, top_lens, top_oks, tstates, sstates, p
     k = params.shape[0]
     found = np.zeros((k, 3), np.int64)  # m, lo, hi
     local = np.empty(tail.shape[0], np.int64)
+    best = 0
     for i in range(k):
         n, tw, sw, shift = params[i, 0], params[i, 1], params[i, 2], params[i, 4]
         vocab = vocabs[i]
         for j in range(tail.shape[0]):  # global -> local ids (vocab is sorted)
             p = np.searchsorted(vocab, tail[j])
             local[j] = p if p < vocab.shape[0] and vocab[p] == tail[j] else -1
-        m, lo, hi = _longest_suffix(toks[i], tw, sas[i], sw, n, local, max_m, top_toks[i], top_lens[i], top_oks[i], tstates[i],
-                                    sstates[i], shift, pend[i], stamp)
+        m, lo, hi = _longest_from(toks[i], tw, sas[i], sw, n, local, max_m, max(min_m, best), top_toks[i], top_lens[i],
+                                  top_oks[i], tstates[i], sstates[i], shift, pend[i], stamp)
         found[i, 0], found[i, 1], found[i, 2] = m, lo, hi
-    best = 0
-    for i in range(k):
-        best = max(best, found[i, 0])
+        best = max(best, m)
     if best < min_m:
         return 0, best
     total = 0
