@@ -253,6 +253,32 @@ def test_only_large_indexes_release_their_pages(tmp_path, monkeypatch):
     assert len(released) == 2
 
 
+def test_a_budget_of_mapped_pages_releases_them_whatever_the_query_count(tmp_path, monkeypatch):
+    """release_mapped_mb: released once the process's file pages grew past the budget since the
+    last release (here 1 MB = 256 pages of 4 KiB, counted by a stand-in for /proc/self/statm)."""
+    from retrospec.datastores import suffix_index
+
+    index = build(tmp_path, [[1, 2, 3, 4], [2, 3, 5]])
+    index.config = SuffixConfig(release_every=0, release_above_mb=0, release_mapped_mb=1)
+    monkeypatch.setattr(suffix_index, "PAGE_BYTES", 4096)
+    pages = iter(range(0, 10_000, 100))  # each look at statm: 100 more pages
+    monkeypatch.setattr(index, "_mapped_pages", lambda: next(pages))
+    released = []
+    real = index.release_pages
+
+    def release():
+        released.append(index._queries)
+        real()
+
+    monkeypatch.setattr(index, "release_pages", release)
+    for _ in range(8):
+        index.query(np.array([2, 3]))
+    # statm after query 1: 0 (the baseline), 2: 100, 3: 200, 4: 300 pages > 256: released (baseline 400);
+    # 5: 500, 6: 600, 7: 700 > 400 + 256: released
+    assert released == [4, 7]
+    assert SuffixIndex.open(tmp_path / "idx")._mapped_pages() > 0  # the real statm on Linux
+
+
 LEAN_QUERY = """
 import json, sys
 import numpy as np
