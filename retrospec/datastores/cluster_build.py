@@ -261,7 +261,7 @@ def _write_piece(work: str, index: int, ids: list[np.ndarray], rows: list[dict])
 
 def tokenize_piece(job: TokenizeJob, tokenizer) -> dict:
     """Tokenize one piece into the work folder; return its document lengths and counts."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ids: list[np.ndarray] = []
     rows: list[dict] = []
     batch: list[tuple[Document, int]] = []
@@ -280,8 +280,8 @@ def tokenize_piece(job: TokenizeJob, tokenizer) -> dict:
     flush()
     lengths, tokens = _write_piece(job.work, job.piece.index, ids, rows)
     lines = _lines(job.piece) if job.piece.kind == "range" else 0
-    return {"piece": job.piece.index, "lengths": lengths, "tokens": tokens, "lines": lines,
-            "seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(), "pid": os.getpid()}
+    return {"piece": job.piece.index, "lengths": lengths, "tokens": tokens, "lines": lines, "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu, "peak_rss_mb": _peak_rss_mb(), "pid": os.getpid()}
 
 
 # --------------------------------------------------------------------------- 3) shards
@@ -335,7 +335,7 @@ def plan_shards(pieces: list[Piece], lengths: list[np.ndarray], options: BuildOp
 def build_shard(job: ShardJob, shared=None) -> dict:
     """Build one shard from its pieces' token ids into its own attempt folder, then rename it
     into place; return its manifest entry."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     flat = np.concatenate([np.fromfile(piece_files(job.work, p)["tokens"], np.uint32, count=hi - lo, offset=4 * lo)
                            for (p, _, _), (lo, hi) in zip(job.segments, job.offsets)])
     lengths = np.concatenate([np.fromfile(piece_files(job.work, p)["lengths"], np.int64, count=b - a, offset=8 * a)
@@ -348,7 +348,8 @@ def build_shard(job: ShardJob, shared=None) -> dict:
         shutil.rmtree(final)
     os.replace(attempt / job.name, final)
     attempt.rmdir()
-    return {"entry": entry, "seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(), "pid": os.getpid()}
+    return {"entry": entry, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "peak_rss_mb": _peak_rss_mb(), "pid": os.getpid()}
 
 
 # --------------------------------------------------------------------------- engines
@@ -515,7 +516,9 @@ def start_engine(options: ClusterOptions, shared):
 class ClusterReport(BuildReport):
     """A :class:`BuildReport` with the distributed build's own figures: ``tokenize_seconds``
     and ``index_seconds`` are the tasks' busy time summed over the workers (so the rates are
-    per worker), the wall times are the driver's."""
+    per worker), the ``*_cpu_seconds`` the CPU time the tasks' processes used meanwhile (on a
+    machine shared with other work, a worker's rate per CPU second is what it would do with a
+    core of its own), the wall times are the driver's."""
 
     engine: str = ""
     workers: int = 0
@@ -524,6 +527,8 @@ class ClusterReport(BuildReport):
     tokenize_wall_seconds: float = 0.0
     index_wall_seconds: float = 0.0
     wall_seconds: float = 0.0
+    tokenize_cpu_seconds: float = 0.0
+    index_cpu_seconds: float = 0.0
     worker_peak_rss_mb: float = 0.0
     worker_pids: list[int] = field(default_factory=list)
 
@@ -599,6 +604,8 @@ def build_index_distributed(
         finally:
             engine.close()
         report.index_seconds = sum(r["seconds"] for r in built)
+        report.tokenize_cpu_seconds = sum(r.get("cpu_seconds", 0.0) for r in results)
+        report.index_cpu_seconds = sum(r.get("cpu_seconds", 0.0) for r in built)
         report.worker_peak_rss_mb = max(r["peak_rss_mb"] for r in results + built)
         report.worker_pids = sorted({r["pid"] for r in results + built})
         # 5) check what the tasks wrote, then the rows, the manifest, and publish
