@@ -111,6 +111,19 @@ def test_a_pool_build_writes_the_single_process_shards_byte_for_byte(tmp_path, s
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no build folder left behind
 
 
+def test_append_adds_the_same_shards_as_a_single_process_append(tmp_path):
+    inputs, _ = _corpus(tmp_path)
+    options = BuildOptions(shard_tokens=1500)
+    for name in ("one", "pool"):
+        build_index(inputs[:1], TOK, tmp_path / name, options, progress=False)
+    build_index(inputs[1:], TOK, tmp_path / "one", options, append=True, progress=False)
+    report = build_index_distributed(inputs[1:], TOK, tmp_path / "pool", options, ReadOptions(), ClusterOptions(workers=2),
+                                     append=True, progress=False)
+    assert report.shard_names[0] != "shard-00000"  # numbered after the shards already there
+    _same_index(tmp_path / "one", tmp_path / "pool")
+    verify_index(tmp_path / "pool")
+
+
 def test_a_killed_worker_is_replaced_and_its_shard_built_again(tmp_path, caplog):
     inputs, _ = _corpus(tmp_path)
     options = BuildOptions(shard_tokens=1500)
