@@ -208,11 +208,12 @@ def cmd_probe(args) -> None:
     data = np.load(args.contexts)
     queries = np.split(data["flat"], data["ends"][:-1])
     start = time.perf_counter()
-    index = SuffixIndex.open(args.index, config=SuffixConfig(release_every=args.release_every))
+    index = SuffixIndex.open(args.index, config=SuffixConfig(release_every=args.release_every, release_mapped_mb=args.release_mapped_mb))
     open_ms = (time.perf_counter() - start) * 1e3
     after_open = rss_mb()
     result = measure(index, queries, 64)
     result.update({"tokens": index.n_tokens, "shards": len(index.shards), "release_every": args.release_every,
+                   "release_mapped_mb": args.release_mapped_mb,
                    "open_ms": round(open_ms, 1), "rss_at_start_mb": round(baseline, 1), "rss_after_open_mb": round(after_open, 1),
                    "torch_imported": "torch" in sys.modules, "numba_imported": "numba" in sys.modules})
     print(json.dumps(result, indent=1))
@@ -363,17 +364,20 @@ def cmd_cluster(args) -> None:
     # 3) queries on the result, from fresh lean processes (numpy + numba, no torch)
     queries = chat_contexts(tokenizer, args.queries)
     say()
-    say("| release_every | queries | p50 | p99 | mean | RSS between queries (peak) | VmHWM | RssAnon | first pass p50 / p99 | "
-        "nonempty | mean nodes | load avg |")
+    say("| release_every / release_mapped_mb | queries | p50 | p99 | mean | RSS between queries (peak) | VmHWM | RssAnon | "
+        "first pass p50 / p99 | nonempty | mean nodes | load avg |")
     say("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "contexts.npz"
         np.savez(path, flat=np.concatenate(queries), ends=np.cumsum([q.shape[0] for q in queries]))
-        for every in args.release_every:
-            probe = subprocess.run([sys.executable, __file__, "probe", str(index), "--contexts", str(path), "--release-every", str(every)],
+        for setting in args.release:
+            every, _, mapped = setting.partition("/")
+            probe = subprocess.run([sys.executable, __file__, "probe", str(index), "--contexts", str(path), "--release-every", every,
+                                    "--release-mapped-mb", mapped or "0"],
                                    capture_output=True, text=True, check=True, env={**os.environ, "RETROSPEC_JIT": "1"})
             r = json.loads(probe.stdout)
-            say(f"| {every} | {r['queries']} | {r['p50_us'] / 1e3:.2f} ms | {r['p99_us'] / 1e3:.2f} ms | {r['mean_us'] / 1e3:.2f} ms | "
+            say(f"| {every} / {mapped or 0} MB | {r['queries']} | {r['p50_us'] / 1e3:.2f} ms | {r['p99_us'] / 1e3:.2f} ms | "
+                f"{r['mean_us'] / 1e3:.2f} ms | "
                 f"{r['peak_rss_mb']:.0f} MB | {r['hwm_mb']:.0f} MB | {r['rss_anon_mb']:.0f} MB | "
                 f"{r['first_pass_p50_us'] / 1e3:.2f} / {r['first_pass_p99_us'] / 1e3:.2f} ms | {r['nonempty']:.2f} | "
                 f"{r['mean_nodes']:.1f} | {load_average()} |")
@@ -421,7 +425,8 @@ def main() -> None:
                    help="the real corpus through the tokenizer, and the synthetic index (always built: queries need it)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--release-every", type=int, nargs="+", default=[64, 8, 1])
+    p.add_argument("--release", nargs="+", default=["64", "64/64", "4", "1"],
+                   help="query settings to probe: RELEASE_EVERY or RELEASE_EVERY/RELEASE_MAPPED_MB (default: %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic index")
     p.add_argument("--report", help="also write the tables to this markdown file")
     p.set_defaults(func=cmd_cluster)
@@ -429,6 +434,7 @@ def main() -> None:
     p.add_argument("index")
     p.add_argument("--contexts", required=True)
     p.add_argument("--release-every", type=int, default=64)
+    p.add_argument("--release-mapped-mb", type=int, default=0)
     p.set_defaults(func=cmd_probe)
     args = parser.parse_args()
     args.func(args)
