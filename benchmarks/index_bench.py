@@ -322,9 +322,9 @@ def cmd_cluster(args) -> None:
             f"{report.index_tokens_per_second / 1e6:.2f}M ({report.tokens / max(report.index_cpu_seconds, 1e-9) / 1e6:.2f}M) | "
             f"{report.worker_peak_rss_mb:,.0f} MB | {report.bytes_per_token:.2f} | "
             f"{before} → {load_average()} |")
-        return busy
+        return busy, report.tokenize_cpu_seconds + report.index_cpu_seconds
 
-    walls: dict[tuple[str, str, int], float] = {}
+    walls: dict[tuple[str, str, int], tuple[float, float]] = {}  # (wall of the tasks, their CPU seconds)
     reference = None
     for engine in args.engines if "sharegpt" in args.corpora else ():
         for workers in args.workers:
@@ -353,16 +353,31 @@ def cmd_cluster(args) -> None:
             assert shards == reference, "a build wrote other shards than the first"
     assert identity == SuffixIndex.open(index).manifest["tokenizer"]
     say()
-    say("| corpus | engine | 2 workers vs 1 (wall excl. engine start) |")
-    say("|---|---|---:|")
+    say("| corpus | engine | 2 workers vs 1: wall of the tasks (excl. engine start) | CPU seconds of 1 worker / of 2 × 2 "
+        "(the speed-up had each worker a core of its own) |")
+    say("|---|---|---:|---:|")
     for corpus in ("sharegpt", "synthetic"):
         for engine in args.engines:
             if (corpus, engine, 1) in walls and (corpus, engine, 2) in walls:
-                say(f"| {corpus} | {engine} | {walls[corpus, engine, 1] / walls[corpus, engine, 2]:.2f}× |")
+                (w1, c1), (w2, c2) = walls[corpus, engine, 1], walls[corpus, engine, 2]
+                cpu = f"{2 * c1 / c2:.2f}×" if c2 else "—"
+                say(f"| {corpus} | {engine} | {w1 / w2:.2f}× | {cpu} |")
     say()
     say(f"Every synthetic build wrote the same {len(reference)} shards (manifest entries, sha256 included, identical).")
     # 3) queries on the result, from fresh lean processes (numpy + numba, no torch)
-    queries = chat_contexts(tokenizer, args.queries)
+    say()
+    query_table(index, tokenizer, args.queries, args.release, say)
+    if not args.keep:
+        shutil.rmtree(index)
+    if args.report:
+        Path(args.report).write_text("\n".join(lines) + "\n")
+
+
+def query_table(index: Path, tokenizer, n_queries: int, release: list[str], say) -> None:
+    """Latency and memory of 64-node draft queries on ``index``, one fresh lean process per
+    setting (``RELEASE_EVERY`` or ``RELEASE_EVERY/RELEASE_MAPPED_MB``), as markdown rows."""
+    queries = chat_contexts(tokenizer, n_queries)
+    say(f"Queries on {index} ({SuffixIndex.open(index).n_tokens / 1e9:g}B tokens, {len(SuffixIndex.open(index).shards)} shards):")
     say()
     say("| release_every / release_mapped_mb | queries | p50 | p99 | mean | RSS between queries (peak) | VmHWM | RssAnon | "
         "first pass p50 / p99 | nonempty | mean nodes | load avg |")
@@ -370,21 +385,23 @@ def cmd_cluster(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "contexts.npz"
         np.savez(path, flat=np.concatenate(queries), ends=np.cumsum([q.shape[0] for q in queries]))
-        for setting in args.release:
+        for setting in release:
             every, _, mapped = setting.partition("/")
             probe = subprocess.run([sys.executable, __file__, "probe", str(index), "--contexts", str(path), "--release-every", every,
                                     "--release-mapped-mb", mapped or "0"],
                                    capture_output=True, text=True, check=True, env={**os.environ, "RETROSPEC_JIT": "1"})
             r = json.loads(probe.stdout)
             say(f"| {every} / {mapped or 0} MB | {r['queries']} | {r['p50_us'] / 1e3:.2f} ms | {r['p99_us'] / 1e3:.2f} ms | "
-                f"{r['mean_us'] / 1e3:.2f} ms | "
-                f"{r['peak_rss_mb']:.0f} MB | {r['hwm_mb']:.0f} MB | {r['rss_anon_mb']:.0f} MB | "
+                f"{r['mean_us'] / 1e3:.2f} ms | {r['peak_rss_mb']:.0f} MB | {r['hwm_mb']:.0f} MB | {r['rss_anon_mb']:.0f} MB | "
                 f"{r['first_pass_p50_us'] / 1e3:.2f} / {r['first_pass_p99_us'] / 1e3:.2f} ms | {r['nonempty']:.2f} | "
                 f"{r['mean_nodes']:.1f} | {load_average()} |")
-    if not args.keep:
-        shutil.rmtree(index)
-    if args.report:
-        Path(args.report).write_text("\n".join(lines) + "\n")
+
+
+def cmd_queries(args) -> None:
+    from retrospec.tools.index_cli import load_tokenizer
+
+    print(f"`{' '.join(sys.argv)}`, {time.strftime('%Y-%m-%d %H:%M')}\n")
+    query_table(Path(args.index), load_tokenizer(args.tokenizer), args.queries, args.release, print)
 
 
 def main() -> None:
@@ -430,6 +447,12 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the synthetic index")
     p.add_argument("--report", help="also write the tables to this markdown file")
     p.set_defaults(func=cmd_cluster)
+    p = sub.add_parser("queries", help="the query table of `cluster` on an existing index")
+    p.add_argument("index")
+    p.add_argument("--tokenizer", default="smollm2-135m")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--release", nargs="+", default=["64", "64/64", "4", "1"])
+    p.set_defaults(func=cmd_queries)
     p = sub.add_parser("probe")  # internal: run by `memory` in a fresh process
     p.add_argument("index")
     p.add_argument("--contexts", required=True)
