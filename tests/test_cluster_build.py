@@ -218,3 +218,13 @@ def test_a_killed_ray_worker_is_retried_by_ray(tmp_path, local_ray):
     assert (tmp_path / "killed-shard-00001").exists()
     _same_index(tmp_path / "one", tmp_path / "ray")
     verify_index(tmp_path / "ray")
+
+
+def test_a_task_error_on_ray_is_the_build_error(tmp_path, local_ray):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": "1 2 3"}) + "\n" for _ in range(50)) + "{oops\n")
+    build_index(_corpus(tmp_path)[0][:1], TOK, tmp_path / "idx", progress=False)  # the previous index
+    before = (tmp_path / "idx" / "manifest.json").read_bytes()
+    with pytest.raises(CorpusError, match=r"c.jsonl \(line 3 of the piece at byte 864: byte 900\): not valid JSON"):
+        build_index_distributed([path], TOK, tmp_path / "idx", cluster=ClusterOptions(engine="ray", piece_bytes=200), progress=False)
+    assert (tmp_path / "idx" / "manifest.json").read_bytes() == before
