@@ -200,7 +200,8 @@ def add_index_parser(sub) -> None:
     b.add_argument("--ray", nargs="?", const=LOCAL_RAY, default=None, metavar="ADDRESS",
                    help="run tokenization and the shards' suffix arrays as Ray tasks: on the cluster at ADDRESS (e.g. "
                         "ray://head:10001 or auto), or without one on a local Ray instance with the machine's cores (or "
-                        "--workers). Needs pip install 'retrospec[ray]'; without ray installed, a local process pool runs them. "
+                        "--workers). Needs pip install 'retrospec[ray]'; without it, and without ADDRESS, a local process pool runs them "
+                        "(with a warning). "
                         "Every worker must reach the inputs and write next to --out at the same paths (see indexes/cluster.md). "
                         "The shards are the same, byte for byte, as a build without it")
     b.add_argument("--workers", type=int, default=None, metavar="N",
