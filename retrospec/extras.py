@@ -12,6 +12,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "models": ("gguf", "accelerate"),
     "datastores": ("pydivsufsort", "faiss", "pyroaring", "sqlite_utils"),
     "plots": ("matplotlib",),
+    "ray": ("ray",),
 }
 """Extra name -> the modules it brings (module names, not distribution names)."""
 

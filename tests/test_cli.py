@@ -179,6 +179,27 @@ def test_index_commands(tmp_path, capsys, tiny_model_dir):
     assert main(["index", "info", str(tmp_path / "nowhere")]) == 2
 
 
+def test_index_build_with_workers_writes_the_same_shards_and_answers_the_same(tmp_path, capsys, tiny_model_dir):
+    """`--workers 2` (a local process pool; the tokenizer is a real fast one, shipped to the
+    workers) and the chat template: the shards of the one-process build, the same query output."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Question {i}?"},
+                                                             {"from": "gpt", "value": f"Sure! Here is answer {i % 7}."}]}) + "\n"
+                              for i in range(200)))
+    base = ["index", "build", "--tokenizer", tiny_model_dir, "--input", str(corpus), "--chat-template", "--shard-tokens", "1500"]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert main([*base, "--out", str(tmp_path / "two"), "--workers", "2", "--piece-mb", "0"]) == 2  # MB must be >= 1
+    assert main([*base, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert "pool with 2 worker(s)" in capsys.readouterr().out
+    one, two = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert len(one["shards"]) > 2 and one["shards"] == two["shards"]
+    answers = []
+    for d in ("one", "two"):
+        assert main(["index", "query", str(tmp_path / d), "Sure! Here is", "--tokenizer", tiny_model_dir]) == 0
+        answers.append(capsys.readouterr().out.split("\n", 1)[1])  # the tree, without the timing line
+    assert answers[0] == answers[1] and "' answer'" in answers[0]
+
+
 def _user_folder(path: Path) -> None:
     path.mkdir()
     (path / "thesis.tex").write_text("three years of work")

@@ -253,6 +253,32 @@ def test_only_large_indexes_release_their_pages(tmp_path, monkeypatch):
     assert len(released) == 2
 
 
+def test_a_budget_of_mapped_pages_releases_them_whatever_the_query_count(tmp_path, monkeypatch):
+    """release_mapped_mb: released once the process's file pages grew past the budget since the
+    last release (here 1 MB = 256 pages of 4 KiB, counted by a stand-in for /proc/self/statm)."""
+    from retrospec.datastores import suffix_index
+
+    index = build(tmp_path, [[1, 2, 3, 4], [2, 3, 5]])
+    index.config = SuffixConfig(release_every=0, release_above_mb=0, release_mapped_mb=1)
+    monkeypatch.setattr(suffix_index, "PAGE_BYTES", 4096)
+    pages = iter(range(0, 10_000, 100))  # each look at statm: 100 more pages
+    monkeypatch.setattr(index, "_mapped_pages", lambda: next(pages))
+    released = []
+    real = index.release_pages
+
+    def release():
+        released.append(index._queries)
+        real()
+
+    monkeypatch.setattr(index, "release_pages", release)
+    for _ in range(8):
+        index.query(np.array([2, 3]))
+    # statm after query 1: 0 (the baseline), 2: 100, 3: 200, 4: 300 pages > 256: released (baseline 400);
+    # 5: 500, 6: 600, 7: 700 > 400 + 256: released
+    assert released == [4, 7]
+    assert SuffixIndex.open(tmp_path / "idx")._mapped_pages() > 0  # the real statm on Linux
+
+
 LEAN_QUERY = """
 import json, sys
 import numpy as np
@@ -354,3 +380,57 @@ def test_query_says_what_it_takes(tmp_path):
     with pytest.raises(ValueError, match="max_depth must be >= 0"):
         index.query([1, 2], max_depth=-1)
     assert len(index.query(np.array([2**62, -5, 3]))) >= 0  # ids no shard has: no draft, no crash
+
+
+def per_shard_reference(index: SuffixIndex, context: np.ndarray, max_nodes: int):
+    """The query as a Python loop over shards (the form before the one fan-out kernel), built
+    from the public per-shard kernels: what ``SuffixIndex.query`` must equal."""
+    from retrospec.datastores.suffix_index import PENDING, gather, longest_suffix
+    from retrospec.sources.trie import continuation_trie
+    from retrospec.tree import DraftTree
+
+    cfg = index.config
+    tail = np.asarray(context[-cfg.max_ngram :], np.int64)
+    pend = np.zeros(PENDING + 1, np.int64)
+    found = []
+    for shard in index.shards:
+        m, lo, hi = longest_suffix(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, shard.local(tail),
+                                   cfg.max_ngram, checks=shard.checks(pend, 2))
+        if m >= cfg.min_ngram:
+            found.append((m, lo, hi, shard))
+    if not found:
+        return DraftTree.empty()
+    best = max(f[0] for f in found)
+    found = [f for f in found if f[0] == best]
+    total = sum(hi - lo for _, lo, hi, _ in found)
+    rows = np.full((cfg.max_matches + len(found), cfg.max_depth), -1, np.int64)
+    used = 0
+    for m, lo, hi, shard in found:
+        take = max(1, (cfg.max_matches * (hi - lo)) // total)
+        start = used
+        used += gather(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, lo, hi, m, take, cfg.max_depth,
+                       shard.sep, rows, used, shard.checks(pend, 2))
+        block = rows[start:used]
+        block[block >= 0] = shard.vocab[block[block >= 0]]
+    return continuation_trie(rows[:used], None, root_conf=best / (best + 1.0), decay=0.95, smoothing=1.0, max_nodes=max_nodes)
+
+
+def test_the_fan_out_kernel_equals_the_per_shard_loop(tmp_path):
+    """One compiled call over all shards gives, tree for tree, what a Python loop over the
+    shards gives: over 12 shards with different vocabularies, counts above max_matches (the
+    occurrences shared out by count) and contexts that match nowhere, in some shards, in all."""
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(1, 30 if i % 3 else 9, rng.integers(3, 60)).tolist() for i in range(400)]
+    index = build(tmp_path, docs, shard_tokens=800)
+    assert len(index.shards) >= 12
+    index.config = SuffixConfig(min_ngram=1, max_matches=16, max_depth=6)
+    contexts = [docs[i][: int(rng.integers(1, len(docs[i]) + 1))] for i in rng.integers(0, len(docs), 300)]
+    contexts += [[99], [29, 29, 29, 29], rng.integers(1, 30, 40).tolist()]
+    nonempty = 0
+    for context in contexts:
+        got = index.query(np.asarray(context, np.int64), 48)
+        want = per_shard_reference(index, np.asarray(context, np.int64), 48)
+        assert got.tokens.tolist() == want.tokens.tolist() and got.parents.tolist() == want.parents.tolist()
+        assert np.array_equal(got.scores, want.scores)
+        nonempty += len(got) > 0
+    assert nonempty > 250

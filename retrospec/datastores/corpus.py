@@ -87,34 +87,57 @@ def _render_chat(messages: list[dict], tokenizer, use_template: bool) -> str:
     return "\n\n".join(m["content"] for m in messages)
 
 
+def jsonl_document(record_text: str, where: str, source: str, options: ReadOptions, tokenizer) -> Document | None:
+    """The document of one JSONL line (``None`` for a blank line); ``where`` names the line in errors."""
+    if not record_text.strip():
+        return None
+    try:
+        record = json.loads(record_text)
+    except json.JSONDecodeError as err:
+        raise CorpusError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise CorpusError(f"{where}: expected a JSON object")
+    text = record.get(options.field)
+    if not isinstance(text, str):
+        messages = _messages(record)
+        if messages is None:
+            raise CorpusError(
+                f"{where}: no text field {options.field!r} and no chat "
+                f"('conversations'/'messages'); use --field to name the text field"
+            )
+        text = _render_chat(messages, tokenizer, options.chat_template)
+    return Document(clean_text(text), source, {"id": record.get("id")} if "id" in record else {})
+
+
 def _read_jsonl(path: Path, options: ReadOptions, tokenizer) -> Iterator[Document]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CorpusError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise CorpusError(f"{path}:{line_no}: expected a JSON object")
-                text = record.get(options.field)
-                if not isinstance(text, str):
-                    messages = _messages(record)
-                    if messages is None:
-                        raise CorpusError(
-                            f"{path}:{line_no}: no text field {options.field!r} and no chat "
-                            f"('conversations'/'messages'); use --field to name the text field"
-                        )
-                    text = _render_chat(messages, tokenizer, options.chat_template)
-                yield Document(clean_text(text), f"{path.name}:{line_no}", {"id": record.get("id")} if "id" in record else {})
+                doc = jsonl_document(line, f"{path}:{line_no}", f"{path.name}:{line_no}", options, tokenizer)
+                if doc is not None:
+                    yield doc
     except (OSError, EOFError, UnicodeDecodeError) as err:
         raise CorpusError(f"{path}: unreadable ({err})") from None
 
 
-def _read_text(path: Path) -> Document:
+def is_jsonl(path: Path) -> bool:
+    """Whether ``path`` is read as JSON lines (else as one text document)."""
+    return path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson"))
+
+
+def tree_files(path: Path, options: ReadOptions = ReadOptions()) -> list[Path]:
+    """The files of a directory input, in the order they are read."""
+    files = sorted(
+        p for p in {p for g in options.globs for p in path.rglob(g) if p.is_file()}
+        if not any(fnmatch.fnmatch(str(p.relative_to(path)), x) for x in options.exclude)
+    )
+    if not files:
+        raise CorpusError(f"{path}: no files matching {', '.join(options.globs)}")
+    return files
+
+
+def read_text(path: Path) -> Document:
     try:
         return Document(path.read_text(encoding="utf-8"), str(path), {})
     except (OSError, UnicodeDecodeError) as err:
@@ -126,17 +149,11 @@ def iter_documents(inputs: list[str | Path], options: ReadOptions = ReadOptions(
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(
-                p for p in {p for g in options.globs for p in path.rglob(g) if p.is_file()}
-                if not any(fnmatch.fnmatch(str(p.relative_to(path)), x) for x in options.exclude)
-            )
-            if not files:
-                raise CorpusError(f"{path}: no files matching {', '.join(options.globs)}")
-            for file in files:
-                yield _read_text(file)
+            for file in tree_files(path, options):
+                yield read_text(file)
         elif not path.exists():
             raise CorpusError(f"{path}: no such file or directory")
-        elif path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
+        elif is_jsonl(path):
             yield from _read_jsonl(path, options, tokenizer)
         else:
-            yield _read_text(path)
+            yield read_text(path)

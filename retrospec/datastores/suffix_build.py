@@ -137,16 +137,49 @@ def write_shard(root: Path, name: str, docs: list[np.ndarray], block_bytes: int 
     document's ``(start, length)`` inside the shard."""
     lengths = np.fromiter((d.shape[0] for d in docs), np.int64, len(docs))
     flat = np.concatenate(docs) if docs else np.zeros(0, np.int64)
-    vocab = np.unique(flat).astype(np.uint32)
+    entry, starts = write_shard_tokens(root, name, flat, lengths, block_bytes)
+    return entry, list(zip(starts.tolist(), lengths.tolist()))
+
+
+def document_starts(lengths: np.ndarray) -> np.ndarray:
+    """Where each document starts inside a shard (each is followed by one separator)."""
+    return np.cumsum(lengths + 1) - lengths - 1
+
+
+DENSE_IDS = 1 << 26
+"""Largest token id for which a shard's vocabulary is found by counting (O(n)), not sorting."""
+
+
+def _local_ids(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct ids of ``flat`` (``uint32``) and each token's rank among them."""
+    top = int(flat.max()) if flat.shape[0] else 0
+    if top >= DENSE_IDS:  # a sparse id space: sort
+        vocab = np.unique(flat).astype(np.uint32)
+        return vocab, np.searchsorted(vocab, flat).astype(np.uint32)
+    vocab = np.flatnonzero(np.bincount(flat, minlength=top + 1)).astype(np.uint32)
+    rank = np.zeros(top + 1, np.uint32)
+    rank[vocab] = np.arange(vocab.shape[0], dtype=np.uint32)
+    return vocab, rank[flat]
+
+
+def write_shard_tokens(root: Path, name: str, flat: np.ndarray, lengths: np.ndarray, block_bytes: int = BLOCK_BYTES
+                       ) -> tuple[dict, np.ndarray]:
+    """Write shard ``root/name`` from its documents' global token ids end to end (``flat``)
+    and their ``lengths``; return its manifest entry and each document's start in the shard.
+    The same documents give the same bytes, whoever writes them (serial or distributed)."""
+    lengths = np.asarray(lengths, np.int64)
+    n_docs = lengths.shape[0]
+    vocab, local_ids = _local_ids(flat)
     token_bits = bits_for(vocab.shape[0])  # local ids 0..distinct-1, the separator = distinct
     sep = vocab.shape[0]
-    local = np.empty(flat.shape[0] + len(docs), np.uint32)
+    local = np.empty(flat.shape[0] + n_docs, np.uint32)
     ends = np.cumsum(lengths + 1)  # each document is followed by a separator
     starts = ends - lengths - 1
     is_sep = np.zeros(local.shape[0], bool)
     is_sep[ends - 1] = True
     local[is_sep] = sep
-    local[~is_sep] = np.searchsorted(vocab, flat)
+    local[~is_sep] = local_ids
+    del local_ids
     # sort the narrowest integer type that holds the ids: fewer bytes for libdivsufsort
     sa = suffix_array(local.astype(np.uint16) if sep < (1 << 16) else local)
     sa_bits = bits_for(max(local.shape[0] - 1, 1))
@@ -158,9 +191,9 @@ def write_shard(root: Path, name: str, docs: list[np.ndarray], block_bytes: int 
         f"{name}/tokens.crc": save_array(root, f"{name}/tokens.crc", block_crcs(packed_tokens, block_bytes).astype("<u4")),
         f"{name}/sa.crc": save_array(root, f"{name}/sa.crc", block_crcs(packed_sa, block_bytes).astype("<u4")),
     }
-    entry = {"name": name, "tokens": int(flat.shape[0]), "documents": len(docs), "positions": int(local.shape[0]),
+    entry = {"name": name, "tokens": int(flat.shape[0]), "documents": n_docs, "positions": int(local.shape[0]),
              "sep": int(sep), "token_bits": token_bits, "sa_bits": sa_bits, "block_bytes": block_bytes, "files": files}
-    return entry, list(zip(starts.tolist(), lengths.tolist()))
+    return entry, starts
 
 
 class _ShardWriter:
@@ -266,12 +299,7 @@ def write_index(
     (``out``, ``append``, ``force``: see :func:`build_index`)."""
 
     out = Path(out)
-    previous = None
-    if append and os.path.lexists(out):
-        previous = read_index_manifest(out)
-        if previous.data["tokenizer"]["fingerprint"] != identity["fingerprint"]:
-            raise IndexFormatError(f"{out}: built with another tokenizer ({previous.data['tokenizer']['name']!r}); cannot append")
-        check_docs_db(previous.root, previous.data)
+    previous = open_previous(out, identity, append)
     report = BuildReport(path=str(out))
     with building(out, FORMAT, force=force) as tmp:
         old_shards = previous.data["shards"] if previous else []
@@ -291,29 +319,47 @@ def write_index(
             writer.flush()
         if report.tokens == 0:
             raise CorpusError(f"the inputs hold no text to index: {', '.join((info or {}).get('inputs', []))}")
-        # carry the previous shards over (hard links: no copy of the bytes)
-        for entry in old_shards:
-            _link_shard(previous.root, entry, tmp, entry["name"])
-        if previous is not None:
-            shutil.copyfile(confined(previous.root, DOCS_DB), tmp / DOCS_DB)
-        _insert_rows(tmp / DOCS_DB, writer.rows)
-        shards = old_shards + writer.entries
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "tokenizer": identity,
-            "tokens": sum(s["tokens"] for s in shards),
-            "documents": sum(s["documents"] for s in shards),
-            "shards": shards,
-            "files": {DOCS_DB: describe_file(tmp / DOCS_DB)},
-            "build": {**asdict(options), **(info or {}), "appended_to": bool(previous)},
-            "created": now(),
-        }
-        write_manifest(tmp, manifest)
+        finish_index(tmp, previous, writer.entries, writer.rows, identity, {**asdict(options), **(info or {})})
     report.shards = len(writer.entries)
     report.shard_names = [e["name"] for e in writer.entries]
     report.bytes = sum(f["bytes"] for e in writer.entries for f in e["files"].values())
     return report
+
+
+def open_previous(out: Path, identity: dict, append: bool):
+    """The index at ``out`` that an ``append`` build extends (checked), else ``None``."""
+    if not (append and os.path.lexists(out)):
+        return None
+    previous = read_index_manifest(out)
+    if previous.data["tokenizer"]["fingerprint"] != identity["fingerprint"]:
+        raise IndexFormatError(f"{out}: built with another tokenizer ({previous.data['tokenizer']['name']!r}); cannot append")
+    check_docs_db(previous.root, previous.data)
+    return previous
+
+
+def finish_index(tmp: Path, previous, entries: list[dict], rows: list[dict], identity: dict, build: dict) -> dict:
+    """Complete the index being built in ``tmp``: the previous index's shards linked in (on
+    ``append``), ``docs.sqlite`` with the new ``rows``, the manifest; return the manifest."""
+    old_shards = previous.data["shards"] if previous else []
+    for entry in old_shards:  # carried over as hard links: no copy of the bytes
+        _link_shard(previous.root, entry, tmp, entry["name"])
+    if previous is not None:
+        shutil.copyfile(confined(previous.root, DOCS_DB), tmp / DOCS_DB)
+    _insert_rows(tmp / DOCS_DB, rows)
+    shards = old_shards + entries
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": identity,
+        "tokens": sum(s["tokens"] for s in shards),
+        "documents": sum(s["documents"] for s in shards),
+        "shards": shards,
+        "files": {DOCS_DB: describe_file(tmp / DOCS_DB)},
+        "build": {**build, "appended_to": bool(previous)},
+        "created": now(),
+    }
+    write_manifest(tmp, manifest)
+    return manifest
 
 
 def _link_shard(src_root: Path, entry: dict, dst_root: Path, name: str) -> dict:

@@ -36,8 +36,10 @@ and the shard stays off; the kernels never read outside the arrays whatever the 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import sqlite3
 import threading
 import zlib
@@ -101,6 +103,11 @@ class SuffixConfig:
     release_above_mb: int = 128
     """Only indexes larger than this release their pages: a small one stays mapped whole,
     since releasing makes the next queries fault the pages in again (p99 ×5)."""
+    release_mapped_mb: int = 0
+    """Also release once the file pages this process maps have grown by more than this since
+    the last release (read from ``/proc/self/statm`` after each query, ~4 µs; 0: off). A query
+    maps pages in every shard it searches, so with many shards a budget in bytes bounds
+    resident memory where a count of queries does not."""
     cached_levels: int = 16
     """Binary-search levels kept in memory per shard (see ``TopLevels``; 16 levels take
     ``2**16 * max_ngram * 4`` bytes, 3 MB at the defaults; 0: none)."""
@@ -108,6 +115,8 @@ class SuffixConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
+        if self.release_every < 0 or self.release_mapped_mb < 0:
+            raise ValueError(f"release_every and release_mapped_mb must be >= 0, got {self.release_every}, {self.release_mapped_mb}")
         if self.max_matches < 1 or self.max_depth < 1:
             raise ValueError(f"max_matches and max_depth must be >= 1, got {self.max_matches}, {self.max_depth}")
         if not 0 <= self.cached_levels <= 24:
@@ -124,6 +133,7 @@ PAD = 8
 
 def _bits_get_py(data, i, w):
     """``bits_get`` for interpreted kernels: one 8-byte read instead of a loop over numpy scalars."""
+    w = int(w)  # numpy ints overflow in the shifts below
     bit = int(i) * w
     byte = bit >> 3
     return (int.from_bytes(data[byte : byte + 8], "little") >> (bit & 7)) & ((1 << w) - 1)
@@ -389,6 +399,30 @@ def _longest_suffix(tok, tw, sa, sw, n, context, max_m, top_tok, top_len, top_ok
     return lo_m, best_lo, best_hi
 
 
+@njit()
+def _longest_from(tok, tw, sa, sw, n, context, max_m, floor, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+    """``_longest_suffix`` when only matches of at least ``floor >= 1`` tokens count: ``(0, 0, 0)``
+    unless ``context[-floor:]`` occurs (one search), else the same answer."""
+    c = context.shape[0]
+    limit = 0
+    while limit < min(max_m, c) and context[c - 1 - limit] >= 0:
+        limit += 1
+    if floor > limit:
+        return 0, 0, 0
+    best_lo, best_hi = _sa_range(tok, tw, sa, sw, n, context[c - floor :], floor, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+    if best_hi <= best_lo:
+        return 0, 0, 0
+    lo_m, hi_m = floor, limit
+    while lo_m < hi_m:  # occurrence is monotone in m: binary search the longest
+        mid = (lo_m + hi_m + 1) // 2
+        a, b = _sa_range(tok, tw, sa, sw, n, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+        if b > a:
+            lo_m, best_lo, best_hi = mid, a, b
+        else:
+            hi_m = mid - 1
+    return lo_m, best_lo, best_hi
+
+
 def longest_suffix(tok, tw, sa, sw, n, context, max_m, top: TopLevels = _NO_TOP, checks: BlockChecks | None = None) -> tuple[int, int, int]:
     """Largest ``m <= max_m`` such that ``context[-m:]`` occurs, with its row range.
 
@@ -424,6 +458,101 @@ def gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0, checks: B
     into ``out[row0 : row0 + take]`` (``-1`` padded, cut at ``sep``); return rows written."""
     c = checks or BlockChecks.none()
     return _gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0, c.tokens, c.sa, c.shift, c.pend, c.stamp)
+
+
+@njit()
+def _fan_out(toks, sas, vocabs, top_toks, top_lens, top_oks, tstates, sstates, params, tail, max_m, min_m, max_matches, depth,
+             out, pend, stamp):
+    """One query over every shard in one compiled call; returns ``(rows written, match length)``.
+
+    1. per shard: the context's tail in the shard's own ids (``-1``: a token it never saw),
+       then the longest suffix that occurs there and its row range, among those at least as
+       long as the longest found so far (a shorter match adds nothing: its continuations
+       follow less context), so most shards cost one search, not a binary search over lengths;
+    2. the longest of those; none at least ``min_m`` long: no rows;
+    3. ``max_matches`` occurrences shared out over the shards that match in proportion to
+       their counts (at least one each), gathered into ``out`` and mapped back to global ids.
+
+    ``params[i]`` is ``(n, token_bits, sa_bits, sep, block_shift)`` of shard ``i``; ``pend[i]``
+    collects the blocks it read that are not verified yet. Invariant: every read of shard
+    ``i`` stays inside its arrays (see the kernels above), whatever the bytes say.
+    """
+    k = params.shape[0]
+    found = np.zeros((k, 3), np.int64)  # m, lo, hi
+    local = np.empty(tail.shape[0], np.int64)
+    best = 0
+    for i in range(k):
+        n, tw, sw, shift = params[i, 0], params[i, 1], params[i, 2], params[i, 4]
+        vocab = vocabs[i]
+        for j in range(tail.shape[0]):  # global -> local ids (vocab is sorted)
+            p = np.searchsorted(vocab, tail[j])
+            local[j] = p if p < vocab.shape[0] and vocab[p] == tail[j] else -1
+        m, lo, hi = _longest_from(toks[i], tw, sas[i], sw, n, local, max_m, max(min_m, best), top_toks[i], top_lens[i],
+                                  top_oks[i], tstates[i], sstates[i], shift, pend[i], stamp)
+        found[i, 0], found[i, 1], found[i, 2] = m, lo, hi
+        best = max(best, m)
+    if best < min_m:
+        return 0, best
+    total = 0
+    for i in range(k):
+        if found[i, 0] == best:
+            total += found[i, 2] - found[i, 1]
+    used = 0
+    for i in range(k):
+        if found[i, 0] != best:
+            continue
+        lo, hi = found[i, 1], found[i, 2]
+        take = max(1, (max_matches * (hi - lo)) // total)
+        start = used
+        used += _gather(toks[i], params[i, 1], sas[i], params[i, 2], params[i, 0], lo, hi, best, take, depth, params[i, 3], out,
+                        used, tstates[i], sstates[i], params[i, 4], pend[i], stamp)
+        vocab = vocabs[i]
+        for r in range(start, used):  # back to global ids (gather keeps local ids < sep)
+            for d in range(depth):
+                t = out[r, d]
+                if t >= 0:
+                    out[r, d] = vocab[t]
+    return used, best
+
+
+class FanOut(NamedTuple):
+    """Every shard's arrays side by side, as the one kernel that queries them all takes them
+    (numba typed lists once compiled, plain lists when interpreted)."""
+
+    tokens: Sequence
+    sa: Sequence
+    vocab: Sequence
+    top_tokens: Sequence
+    top_length: Sequence
+    top_filled: Sequence
+    tokens_state: Sequence
+    sa_state: Sequence
+    params: np.ndarray  # int64 [shards, 5]: n, token_bits, sa_bits, sep, block_shift
+
+    @classmethod
+    def of(cls, shards: list[Shard]) -> FanOut:
+        from retrospec import jit
+
+        def listed(values):
+            if not jit.ENABLED:
+                return list(values)
+            from numba.typed import List
+
+            out = List()
+            for v in values:
+                out.append(v)
+            return out
+
+        def readonly(a):  # one array type per list: mapped files are read-only, so are the rest
+            v = a.view()
+            v.flags.writeable = False
+            return v
+
+        params = np.array([[s.n, s.token_bits, s.sa_bits, s.sep, s.block_shift] for s in shards], np.int64).reshape(-1, 5)
+        return cls(listed(readonly(s.tokens) for s in shards), listed(readonly(s.sa) for s in shards),
+                   listed(np.ascontiguousarray(s.vocab, np.int64) for s in shards), listed(s.top.tokens for s in shards),
+                   listed(s.top.length for s in shards), listed(s.top.filled for s in shards),
+                   listed(s.tokens_state for s in shards), listed(s.sa_state for s in shards), params)
 
 
 # --------------------------------------------------------------------------- the index
@@ -487,6 +616,7 @@ class Shard:
         pend[0] = 0
 
 
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 PENDING = 1024
 """Blocks one kernel call may note before the query checks every unverified block instead."""
 
@@ -596,6 +726,9 @@ class SuffixIndex:
         self._lock = threading.Lock()  # queries fill the shards' top levels
         self._stamps = itertools.count()
         self._bytes = sum(f["bytes"] for shard in manifest["shards"] for f in shard["files"].values())
+        self._fan = FanOut.of(shards)
+        self._statm: int | None = None  # /proc/self/statm, opened on the first release_mapped_mb check
+        self._mapped_after_release: int | None = None  # statm's count after the last release (once checked)
 
     @classmethod
     def open(cls, root: str | Path, tokenizer=None, config: SuffixConfig | None = None) -> SuffixIndex:
@@ -627,6 +760,35 @@ class SuffixIndex:
         """Drop the mapped pages this process has touched (see ``MappedArray``)."""
         for m in self._maps:
             m.release()
+        if self._mapped_after_release is not None:
+            self._mapped_after_release = self._mapped_pages()
+
+    def _mapped_pages(self) -> int:
+        """Resident file-backed (and shared) pages of this process (field 3 of ``statm``)."""
+        try:
+            if self._statm is None:
+                self._statm = os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return int(os.pread(self._statm, 128, 0).split()[2])
+        except (OSError, IndexError, ValueError):  # no /proc: the query count alone decides
+            return 0
+
+    def _should_release(self) -> bool:
+        cfg = self.config
+        if self._bytes <= cfg.release_above_mb * 2**20:
+            return False
+        if cfg.release_every and self._queries % cfg.release_every == 0:
+            return True
+        if cfg.release_mapped_mb:
+            now = self._mapped_pages()
+            if self._mapped_after_release is None:
+                self._mapped_after_release = now
+            return (now - self._mapped_after_release) * PAGE_BYTES > cfg.release_mapped_mb * 2**20
+        return False
+
+    def __del__(self) -> None:
+        if getattr(self, "_statm", None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._statm)
 
     @property
     def n_tokens(self) -> int:
@@ -645,12 +807,11 @@ class SuffixIndex:
         context = _as_context(context)
         max_nodes = _count(max_nodes, "max_nodes")
         max_depth = _count(max_depth, "max_depth", allow_none=True)
-        cfg = self.config
         self._queries += 1
         try:
             return self._query(context, max_nodes, max_depth)
         finally:  # after the query, so the pages it touched do not stay mapped until the next one
-            if cfg.release_every and self._queries % cfg.release_every == 0 and self._bytes > cfg.release_above_mb * 2**20:
+            if self._should_release():
                 self.release_pages()
 
     def _query(self, context: np.ndarray, max_nodes: int, max_depth: int | None) -> DraftTree:
@@ -658,40 +819,23 @@ class SuffixIndex:
         depth = min(cfg.max_depth, max_depth if max_depth is not None else cfg.max_depth)
         if depth <= 0 or max_nodes <= 0 or context.shape[0] == 0:
             return DraftTree.empty()
-        tail = np.asarray(context[-cfg.max_ngram :], np.int64)
-        pend = np.empty(PENDING + 1, np.int64)
-        pend[0] = 0
-        stamp = 2 + next(self._stamps) % ((1 << 32) - 2)  # never VERIFIED, never 0
-        found = []
         for shard in self.shards:
             if shard.bad:
                 raise IndexFormatError(shard.bad)
-            top = shard.top
-            with self._lock:  # the kernels themselves (not their wrappers): this is the hot path
-                m, lo, hi = _longest_suffix(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, shard.local(tail),
-                                            cfg.max_ngram, top.tokens, top.length, top.filled, shard.tokens_state,
-                                            shard.sa_state, shard.block_shift, pend, stamp)
-            if pend[0]:  # blocks read for the first time (rare once a process is warm)
-                shard.verify_blocks(pend)
-            if m >= cfg.min_ngram:
-                found.append((m, lo, hi, shard))
-        if not found:
+        tail = np.asarray(context[-cfg.max_ngram :], np.int64)
+        fan = self._fan
+        pend = np.empty((len(self.shards), PENDING + 1), np.int64)  # one list of noted blocks per shard
+        pend[:, 0] = 0
+        stamp = 2 + next(self._stamps) % ((1 << 32) - 2)  # never VERIFIED, never 0
+        rows = np.full((cfg.max_matches + len(self.shards), depth), -1, np.int64)
+        with self._lock:  # the kernel fills the shards' top levels
+            used, best = _fan_out(fan.tokens, fan.sa, fan.vocab, fan.top_tokens, fan.top_length, fan.top_filled,
+                                  fan.tokens_state, fan.sa_state, fan.params, tail, cfg.max_ngram, cfg.min_ngram,
+                                  cfg.max_matches, depth, rows, pend, stamp)
+        for i in np.flatnonzero(pend[:, 0]).tolist():  # blocks read for the first time (rare once a process is warm)
+            self.shards[i].verify_blocks(pend[i])  # checked before the answer is used
+        if used == 0:
             return DraftTree.empty()
-        best = max(f[0] for f in found)
-        found = [f for f in found if f[0] == best]
-        total = sum(hi - lo for _, lo, hi, _ in found)
-        rows = np.full((cfg.max_matches + len(found), depth), -1, np.int64)
-        used = 0
-        for m, lo, hi, shard in found:
-            take = max(1, (cfg.max_matches * (hi - lo)) // total)
-            start = used
-            used += _gather(shard.tokens, shard.token_bits, shard.sa, shard.sa_bits, shard.n, lo, hi, m, take, depth, shard.sep,
-                            rows, used, shard.tokens_state, shard.sa_state, shard.block_shift, pend, stamp)
-            if pend[0]:
-                shard.verify_blocks(pend)
-            block = rows[start:used]
-            valid = block >= 0
-            block[valid] = shard.vocab[block[valid]]  # back to global ids (gather keeps local ids < sep)
         # counts as scores, +1 smoothing: one occurrence is weaker evidence than fifty
         return continuation_trie(rows[:used], None, root_conf=best / (best + 1.0), decay=0.95, smoothing=1.0, max_nodes=max_nodes)
 

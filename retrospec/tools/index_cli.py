@@ -19,6 +19,8 @@ FORCE_HELP = (
     "also replace a file, a symbolic link or an index of another kind at --out. A folder that holds files no "
     "index manifest accounts for is never replaced, even with --force"
 )
+LOCAL_RAY = "local"
+"""``--ray`` without an address: start a local Ray instance."""
 HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
@@ -76,6 +78,8 @@ def cmd_build(args) -> int:
 
     tokenizer = load_tokenizer(args.tokenizer)
     if args.documents:
+        if args.ray is not None or args.workers is not None:
+            raise ValueError("--ray and --workers build suffix indexes; a document store (--documents) is built in one process")
         from retrospec.datastores.documents import build_document_store
 
         report = build_document_store(args.input, tokenizer, args.out, field=args.field, embedder=args.embedder,
@@ -85,7 +89,14 @@ def cmd_build(args) -> int:
     options = BuildOptions(shard_tokens=args.shard_tokens, shard_per_input=args.shard_per_input, add_eos=args.add_eos)
     read = ReadOptions(field=args.field, chat_template=args.chat_template, globs=tuple(args.glob or DEFAULT_TREE_GLOBS),
                        exclude=tuple(args.exclude or ()))
-    report = build_index(args.input, tokenizer, args.out, options, read, append=args.append, force=args.force)
+    if args.ray is None and args.workers is None:
+        report = build_index(args.input, tokenizer, args.out, options, read, append=args.append, force=args.force)
+    else:
+        from retrospec.datastores.cluster_build import ClusterOptions, build_index_distributed
+
+        cluster = ClusterOptions(engine="pool" if args.ray is None else "ray", address=None if args.ray in (None, LOCAL_RAY) else args.ray,
+                                 workers=args.workers, piece_bytes=args.piece_mb << 20)
+        report = build_index_distributed(args.input, tokenizer, args.out, options, read, cluster, append=args.append, force=args.force)
     print(report.summary())
     return 0
 
@@ -186,6 +197,18 @@ def add_index_parser(sub) -> None:
     b.add_argument("--shard-per-input", action="store_true", help="write one shard per input")
     b.add_argument("--append", action="store_true", help="add the inputs to the index already at --out")
     b.add_argument("--add-eos", action="store_true", help="end every document with the EOS token")
+    b.add_argument("--ray", nargs="?", const=LOCAL_RAY, default=None, metavar="ADDRESS",
+                   help="run tokenization and the shards' suffix arrays as Ray tasks: on the cluster at ADDRESS (e.g. "
+                        "ray://head:10001 or auto), or without one on a local Ray instance with the machine's cores (or "
+                        "--workers). Needs pip install 'retrospec[ray]'; without it, and without ADDRESS, a local process pool runs them "
+                        "(with a warning). "
+                        "Every worker must reach the inputs and write next to --out at the same paths (see indexes/cluster.md). "
+                        "The shards are the same, byte for byte, as a build without it")
+    b.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="tasks run at once; without --ray, in a local process pool of N processes (a distributed build on "
+                        "this machine)")
+    b.add_argument("--piece-mb", type=int, default=64, metavar="MB",
+                   help="with --ray/--workers: input MB per tokenization task, cut at document boundaries (default: %(default)s)")
     b.add_argument("--documents", action="store_true", help="build a document store (chunks, dense + lexical indexes) instead")
     b.add_argument("--embedder", default=None, help="sentence-transformers model for --documents (default: the offline all-MiniLM-L6-v2)")
     b.add_argument("--chunk-tokens", type=int, default=128, help="chunk size for --documents (default: %(default)s)")
