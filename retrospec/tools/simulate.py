@@ -62,9 +62,10 @@ def accepted_path(tree: DraftTree, reference: np.ndarray) -> list[int]:
 
 def replay(speculator: Speculator, prompt: np.ndarray, reference: np.ndarray, documents=()) -> int:
     """Steps a speculator needs to produce ``reference`` after ``prompt`` (first token from the prefill)."""
-    if reference.shape[0] <= 1:
-        return 0
     session = speculator.start_request(prompt, None, documents)
+    if reference.shape[0] <= 1:
+        session.finish(np.concatenate([prompt, reference]).astype(np.int64))
+        return 0
     context = np.concatenate([prompt, reference]).astype(np.int64)
     pos, steps = 1, 0
     while pos < reference.shape[0]:
@@ -84,6 +85,7 @@ def replay(speculator: Speculator, prompt: np.ndarray, reference: np.ndarray, do
         )
         pos += commit
         steps += 1
+    session.finish(context)
     return steps
 
 
