@@ -91,6 +91,10 @@ def cmd_generate(args) -> int:
         for source in speculator.sources:
             if isinstance(source, retrospec.TokenRecycling):
                 source.save(args.recycling)
+    if args.history:  # and the requests the history source saw
+        for source in speculator.sources:
+            if isinstance(source, retrospec.HistorySource):
+                source.save(args.history)
     return code
 
 
@@ -203,6 +207,7 @@ def cmd_bench(args) -> int:
         drafter=args.drafter,
         documents=args.documents,
         recycling=args.recycling,
+        history=args.history,
         categories=tuple(c for c in (args.categories or "").split(",") if c),
         warmup=args.warmup,
         verify=args.verify,
@@ -364,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are committed")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                    help="also run plain greedy and compare speed and output (default: on for one prompt, off for --prompts)")
-    _add_store_args(p, {"index", "recycling", "documents", "drafter"})
+    _add_store_args(p, {"index", "recycling", "documents", "drafter", "history"})
     p.add_argument("--json", action="store_true", help="print the statistics as JSON too")
     p.set_defaults(func=cmd_generate)
 
@@ -382,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="greedy,pld,retrospec",
-        help="comma-separated: greedy, greedy-static, pld, assistant, retrospec, or sources joined by '+' "
-        "(context, suffix-index, recycling, documents, drafter); NAME@N gives a method its own budget (default: %(default)s)",
+        help="comma-separated: greedy, greedy-static, pld, assistant, retrospec, retrospec+history, retrospec-history, "
+        "arctic (ArcticInference's suffix decoding with its global cache, optional), arctic-local, or sources joined by '+' "
+        "(context, suffix-index, recycling, documents, drafter, history); NAME@N gives a method its own budget (default: %(default)s)",
     )
     p.add_argument(
         "--out",
