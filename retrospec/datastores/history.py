@@ -365,6 +365,14 @@ class HistoryStore:
                 self._indexes[namespace] = HistoryIndex(self.max_tokens)
             return self._indexes[namespace]
 
+    def reset(self, namespace: str = "") -> HistoryIndex:
+        """Replace the namespace's index with an empty one (sessions still drafting from the
+        old one finish on it; what they add afterwards is lost with it)."""
+        self.index(namespace)
+        with self._lock:
+            self._indexes[namespace] = HistoryIndex(self.max_tokens)
+            return self._indexes[namespace]
+
     @property
     def namespaces(self) -> list[str]:
         return list(self._indexes)

@@ -42,7 +42,7 @@ class HistoryConfig:
 
     max_tokens: int = 1 << 19
     """Token budget of each namespace's history (prompts, outputs and separators); the
-    oldest requests are evicted whole beyond it. ~34 bytes per token when full."""
+    oldest requests are evicted whole beyond it. ~61 bytes per token when full (16 MiB at 2**18)."""
     min_match: int = 2
     """Shortest suffix match that may anchor a draft (one token matches too much of a long history)."""
     max_match: int = 32
@@ -112,6 +112,10 @@ class HistorySource:
         source = HistorySource(self.config, self.store, namespace)
         source.name = self.name
         return source
+
+    def forget(self) -> None:
+        """Drop everything this namespace learnt (e.g. a benchmark's warm-up)."""
+        self.index = self.store.reset(self.namespace)
 
     def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> HistorySession:
         return HistorySession(self, prompt)

@@ -61,12 +61,17 @@ class ArcticSource:
 
     def __init__(self, max_spec_tokens: int = 16, max_cached_requests: int = -1, max_tree_depth: int = 64,
                  max_spec_factor: float = 1.0, min_token_prob: float = 0.1):
-        cache_cls = require_arctic()
-        self.cache = cache_cls(max_tree_depth=max_tree_depth, max_cached_requests=max_cached_requests)
+        self._new_cache = lambda: require_arctic()(max_tree_depth=max_tree_depth, max_cached_requests=max_cached_requests)
+        self.cache = self._new_cache()
         self.max_spec_tokens = int(max_spec_tokens)
         self.max_spec_factor, self.min_token_prob = max_spec_factor, min_token_prob
         self._ids = itertools.count()
         self._lock = threading.Lock()  # the C++ cache is not documented as thread-safe
+
+    def forget(self) -> None:
+        """Start over with an empty cache (e.g. after a benchmark's warm-up)."""
+        with self._lock:
+            self.cache = self._new_cache()
 
     def start_request(self, prompt: np.ndarray, documents: Sequence[str] = ()) -> ArcticSession:
         return ArcticSession(self, prompt)

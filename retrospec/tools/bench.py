@@ -455,6 +455,12 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
         ids = render(tokenizer, [{"role": "user", "content": records[0].turns[0]}], raw=records[0].raw).to(model.device)
         for m in methods:
             m.run(ids, records[0], min(48, options.max_new_tokens))
+    # sources that learn across requests (history, the Arctic peer) forget the warm-up: it
+    # replays the first prompt, which would then be drafted from its own earlier answer
+    for m in methods:
+        for source in m.speculator.sources if isinstance(m, SpecMethod) and not options.history else ():
+            if callable(getattr(source, "forget", None)):
+                source.forget()
     # static verifiers hold one cache length per bucket of request sizes, each captured (and
     # compiled) on first use: meet every bucket of the run here, or the first method to need
     # a longer one pays its capture inside its timing
