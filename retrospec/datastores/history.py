@@ -83,7 +83,7 @@ def _bucket(tokens, stop, n, cap, hmask):
     """Hash bucket of the ``n`` ring tokens ending at position ``stop - 1``, or -1 if one is SEP."""
     h = 0
     for q in range(stop - n, stop):
-        t = tokens[q % cap]
+        t = int(tokens[q % cap])  # a Python int without jit: int32 arithmetic would overflow
         if t < 0:
             return -1
         h = ((h * _MIX) + t + 1) & _MASK40
@@ -128,7 +128,7 @@ def _matches(ring, heads, back, orders, floor, end, cap, hmask, tail, min_match,
             continue
         h = 0
         for q in range(size - n, size):
-            h = ((h * _MIX) + tail[q] + 1) & _MASK40
+            h = ((h * _MIX) + int(tail[q]) + 1) & _MASK40
         p = heads[o, (h ^ (h >> 17)) & hmask]
         steps = 0
         while floor <= p < end - 1 and steps < max_chain:
