@@ -78,6 +78,17 @@ def test_a_request_is_learnt_once_when_it_finishes():
     assert src.index.requests == 1 and len(src.index) == 5  # 1 2 3 4 SEP
 
 
+def test_forget_drops_only_its_namespace():
+    src = HistorySource()
+    other = src.in_namespace("x")
+    learn(src, [1], [2, 3, 4])
+    learn(other, [1], [2, 3, 5])
+    src.forget()
+    assert draft(src, [2, 3]) == [] and draft(other, [2, 3]) == [[5]]
+    learn(src, [1], [2, 3, 6])
+    assert draft(src, [2, 3]) == [[6]]
+
+
 # -- bounded memory -----------------------------------------------------------------------
 def test_eviction_drops_the_oldest_requests_whole():
     index = HistoryIndex(max_tokens=16)
