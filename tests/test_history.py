@@ -69,6 +69,12 @@ def test_prompts_weigh_less_than_outputs_and_can_be_left_out():
     assert draft(quiet, [1, 2], depth=1) == [[4]]
 
 
+@pytest.mark.parametrize("bad", [dict(prompt_weight=0.0), dict(min_match=0), dict(max_tokens=8), dict(match_weight=0.5)])
+def test_bad_settings_name_the_value(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        HistoryConfig(**bad)
+
+
 def test_a_request_is_learnt_once_when_it_finishes():
     src = HistorySource()
     session = src.start_request(np.array([1, 2, 3]))

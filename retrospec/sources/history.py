@@ -56,7 +56,8 @@ class HistoryConfig:
     match_weight: float = 2.0
     """An occurrence matching ``n`` tokens weighs ``match_weight ** n``."""
     prompt_weight: float = 0.25
-    """Weight of an occurrence inside an earlier prompt relative to one in an earlier output."""
+    """Weight of an occurrence whose continuation lies in an earlier prompt, relative to one
+    in an earlier output (``learn_prompts=False`` keeps no prompts at all)."""
     learn_prompts: bool = True
     """Keep finished requests' prompts as well as their outputs."""
 
@@ -70,8 +71,8 @@ class HistoryConfig:
                              f"{self.max_matches}, {self.max_chain}, {self.max_depth}")
         if self.match_weight < 1.0:
             raise ValueError(f"match_weight must be >= 1, got {self.match_weight}")
-        if not 0.0 <= self.prompt_weight <= 1.0:
-            raise ValueError(f"prompt_weight must be in [0, 1], got {self.prompt_weight}")
+        if not 0.0 < self.prompt_weight <= 1.0:  # no prompts at all: learn_prompts=False
+            raise ValueError(f"prompt_weight must be in (0, 1], got {self.prompt_weight}")
 
 
 class HistorySource:
