@@ -335,8 +335,9 @@ def test_smollm2_with_history_is_identical_to_plain_greedy_over_repeated_request
     from retrospec.tools.prompts import load_prompts, render
 
     model, tokenizer = smollm2
-    history = HistorySource()
-    speculator = retrospec.Speculator([*default_sources(model, tokenizer), history], budget=16)
+    sources = default_sources(model, tokenizer)  # history is one of them
+    history = next(s for s in sources if isinstance(s, HistorySource))
+    speculator = retrospec.Speculator(sources, budget=16)
     records = load_prompts(BENCH / "specbench" / "question.jsonl", per_category=2)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for record in records + records[:4]:     # the repeats draft from history

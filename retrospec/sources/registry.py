@@ -48,8 +48,10 @@ SOURCES: dict[str, Entry] = {
                        "a document store directory (default: each request's own documents)", needs=("tokenizer",), default=True),
     "drafter": Entry("retrospec.sources.drafter", "ModelDrafter", "drafter",
                      "a draft model (short name, path or hub id) sharing the target's tokenizer", needs=("model", "store"), default=True),
+    # default: on Spec-Bench (no cross-request repetition) it did not lower the fused MAT
+    # (2.69 -> 2.71 at budget 16, benchmarks/history); on repetitive workloads it adds 8-27%
     "history": Entry("retrospec.sources.history", "HistorySource", "history",
-                     "a saved history directory (loaded when it exists; HistorySource.save writes it)"),
+                     "a saved history directory (loaded when it exists; HistorySource.save writes it)", default=True),
     "rapid": Entry("retrospec.sources.drafter", "ModelDrafter", "drafter", needs=("model", "store"),
                    options=(("rapid_threshold", 2048),)),
     "rapid-transfer": Entry("retrospec.sources.drafter", "ModelDrafter", "drafter", needs=("model", "store"),
@@ -119,7 +121,8 @@ def make_source(name: str, model, tokenizer, stores: Datastores | None = None):
 def default_sources(model=None, tokenizer=None, stores: Datastores | None = None) -> list:
     """Every default source whose needs are met: context, Token Recycling (given the
     model), the documents source (given the tokenizer; it drafts only when a request
-    brings documents or a store is given), and each source whose datastore ``stores`` names."""
+    brings documents or a store is given), the history of earlier requests (loaded from
+    ``stores.history`` when that exists), and each source whose datastore ``stores`` names."""
     stores = stores or Datastores()
     have = {"model": model is not None, "tokenizer": tokenizer is not None}
     names = []
