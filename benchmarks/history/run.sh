@@ -12,7 +12,7 @@ bench --data $W/extract.jsonl --per-category 1000 --limit 20 --max-new-tokens 96
 bench --data $W/code.jsonl --per-category 1000 --limit 10 --max-new-tokens 128 --methods $M --out runs/hist-code
 bench --data $W/agent.jsonl --per-category 1000 --limit 8 --max-new-tokens 64 --methods $M --out runs/hist-agent
 bench --data ../shared/bench/specbench/question.jsonl --per-category 3 --max-new-tokens 128 \
-  --methods greedy,retrospec@16,retrospec+history@16,arctic@16 --out runs/hist-specbench
+  --methods greedy,retrospec-history@16,retrospec+history@16,arctic@16 --out runs/hist-specbench
 # model-free replays of the greedy outputs each run saved: every source alone and together, the peer
 for run in extract code agent specbench; do
   python -m retrospec simulate runs/hist-$run/outputs.jsonl --budget 16 \
