@@ -59,6 +59,7 @@ class AssistantChain:
         self.generation_config = GenerationConfig(num_assistant_tokens=num_tokens, num_assistant_tokens_schedule="constant")
         self._prompt: np.ndarray | None = None
         self._session = None
+        self._context: np.ndarray | None = None  # the latest context seen (finishes the request when the next begins)
 
     def _supports_logits_to_keep(self) -> bool:  # queried by transformers' AssistedCandidateGenerator
         return False
@@ -67,8 +68,11 @@ class AssistantChain:
         # a new request unless the context extends the one we started from
         prompt = self._prompt
         if prompt is None or context.shape[0] < prompt.shape[0] or not np.array_equal(context[: prompt.shape[0]], prompt):
+            if self._session is not None:  # transformers never says a request ended: the next one says it
+                self._session.finish(self._context)
             self._prompt = context.copy()
             self._session = self.speculator.start_request(context)
+        self._context = context
         return self._session
 
     @torch.no_grad()

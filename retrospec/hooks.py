@@ -81,7 +81,7 @@ _DEFAULTS_LOCK = threading.Lock()
 def default_speculator(model) -> Speculator:
     """The speculator a call without ``speculator=`` uses: one per model, kept as long as the
     model (so what Token Recycling and the calibrator learn carries over between calls that
-    only pass keyword arguments, as evaluation harnesses do): context + Token Recycling."""
+    only pass keyword arguments, as evaluation harnesses do): context + Token Recycling + history."""
     from retrospec.sources.registry import default_sources
 
     with _DEFAULTS_LOCK:

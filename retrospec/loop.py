@@ -268,6 +268,7 @@ class Decoder:
         for row in self.rows:
             if row is not None and row.done and self.results[row.index] is None:
                 self.results[row.index] = Result(row.new_tokens, row.stats)
+                row.session.finish(row.context())  # sources that learn across requests take it whole
                 found = True
                 if self.progress is not None:
                     self.progress.update(1)

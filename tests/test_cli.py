@@ -275,3 +275,32 @@ def test_index_info_and_verify_on_broken_manifests_give_messages(tmp_path, tiny_
     manifest.write_text("{not json")
     assert main(["index", "info", str(out)]) == 2
     assert "Traceback" not in caplog.text and "unreadable manifest" in caplog.text
+
+
+def test_bench_history_methods_arrival_quarters_and_the_peer(tiny_model_dir, prompts, tmp_path, capsys, monkeypatch, caplog):
+    from retrospec.tools import arctic
+
+    out = tmp_path / "bench"
+    methods = "greedy,context+history@8,retrospec+history@8,retrospec-history@8,arctic@8"
+    argv = ["bench", "--model", tiny_model_dir, "--data", str(prompts), "--per-category", "2", "--max-new-tokens", "10",
+            "--methods", methods, "--out", str(out)]
+    if not arctic.available():  # the peer is optional: its method is skipped, saying how to install it
+        assert main(argv) == 0
+        assert "skipping method 'arctic@8'" in caplog.text and "arctic-inference==0.3.0" in caplog.text
+    else:
+        assert main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    for name, row in doc["methods"].items():
+        assert row["overall"]["identical"] == 4, name
+    details = json.loads((out / "details.json").read_text())
+    quarters = details["context+history@8"]["arrival"]
+    assert [q["prompts"] for q in quarters] == [1, 1, 1, 1] and all(q["identical"] == 1 for q in quarters)
+    assert "## Arrival order" in (out / "report.md").read_text()
+    capsys.readouterr()
+    names = "context,history,context+history" + (",arctic,arctic-local" if arctic.available() else "")
+    assert main(["simulate", str(out / "outputs.jsonl"), "--budget", "8", "--methods", names]) == 0
+    printed = capsys.readouterr().out
+    assert "context+history" in printed and "Q4" in printed
+    monkeypatch.setattr(arctic, "available", lambda: False)
+    with pytest.raises(arctic.MissingPeer, match="not installed"):
+        arctic.ArcticSource(8)

@@ -80,7 +80,7 @@ def test_calls_without_a_speculator_share_the_models_default(caplog):
     out = retrospec.generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, pad_token_id=0)
     spec = default_speculator(model)
     assert spec is default_speculator(model) and spec.last_stats is out.stats  # kept with the model
-    assert spec.source_names == ["context", "recycling"]
+    assert spec.source_names == ["context", "recycling", "history"]
     assert default_speculator(tiny_model("llama")) is not spec
     with caplog.at_level("WARNING"):
         retrospec.generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0, documents=["some text"])

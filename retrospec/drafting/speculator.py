@@ -20,8 +20,8 @@ Nothing here runs the target model: the step cost that ``budget="auto"`` needs i
 where the model is (:mod:`retrospec.verify.step_cost`) and handed in.
 
 Fault isolation: a draft never changes the output, so no source may take generation down.
-A source whose session raises (in ``start_request``, ``propose``, ``propose_with`` or
-``observe``), or proposes a tree that breaks the invariants (token ids outside the model's
+A source whose session raises (in ``start_request``, ``propose``, ``propose_with``,
+``observe`` or ``finish``), or proposes a tree that breaks the invariants (token ids outside the model's
 vocabulary, NaN, infinite or negative scores, more nodes than asked for, parents that do
 not come first), is switched off for the rest of the request with one logged warning, and
 drafting goes on with the others.
@@ -39,7 +39,7 @@ import numpy as np
 from retrospec.drafting.budget import choose_nodes
 from retrospec.drafting.calibration import Calibrator
 from retrospec.jit import njit
-from retrospec.sources.base import Source, Verified, adjusts_logits, rescores_others
+from retrospec.sources.base import Source, Verified, adjusts_logits, finishes, rescores_others
 from retrospec.tree import DraftTree, cap_depth, fuse_with_index, prune_with_index
 
 log = logging.getLogger(__name__)
@@ -367,6 +367,17 @@ class SpecSession:
             slot = slots[verified]
             tested = on_path[step.parent_slots[slot]]  # the parent was accepted: this node was tested
             self.speculator.calibrator.learn(k, raw[verified][tested], depth[verified][tested], on_path[slot[tested]])
+
+    def finish(self, context: np.ndarray) -> None:
+        """The request ended with ``context`` (its real tokens, prompt + output): tell the
+        sources that learn across requests (see :mod:`retrospec.sources.base`)."""
+        for k, session in enumerate(self.sessions):
+            if self.off[k] or not finishes(session):
+                continue
+            try:
+                session.finish(context)
+            except Exception as err:
+                self.switch_off(k, _raised("finish", err))
 
     @property
     def adjusts_logits(self) -> bool:

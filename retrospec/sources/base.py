@@ -7,9 +7,12 @@ the Token Recycling matrix) lives on the source; state of one request lives on t
 that ``start_request`` returns, so one source can serve several requests at once (threads,
 rows of a batch).
 
-The required part is two small protocols, :class:`Source` and :class:`Session`. Two
-optional capabilities are declared on the session *class*, as transformers'
-``CandidateGenerator`` declares its own, and the speculator only calls them where declared:
+The required part is two small protocols, :class:`Source` and :class:`Session`. A session
+may also define ``finish(context)``: called once when its request ends, with the whole
+sequence (prompt + output), for sources that learn across requests
+(:class:`~retrospec.HistorySource`). Two optional capabilities are declared on the session
+*class*, as transformers' ``CandidateGenerator`` declares its own, and the speculator only
+calls them where declared:
 
 * ``rescores_others = True``: the session also implements ``propose_with(context, others,
   max_nodes, max_depth) -> (own tree, others rescored)`` — it scores the other sources'
@@ -69,6 +72,11 @@ class Session(Protocol):
     def observe(self, step: Verified) -> None:
         """Learn from a verification step (most sources need nothing here)."""
         ...
+
+
+def finishes(session) -> bool:
+    """Whether ``session`` wants ``finish(context)`` when its request ends."""
+    return callable(getattr(type(session), "finish", None))
 
 
 def rescores_others(session) -> bool:

@@ -8,9 +8,9 @@ Nothing else needs to know a source by name: the bench's methods (``context+suff
 the CLI's datastore flags and ``retrospec.<Class>`` all come from here.
 
 Names: ``context``, ``suffix-index``, ``recycling``, ``documents``, ``drafter`` (a draft
-model reading everything), ``rapid`` (the draft model reading only the parts of a long
-prompt most related to its end), ``rapid-transfer`` (rapid plus RAPID's knowledge transfer
-with weight 0.5: **lossy**, its output differs from plain greedy by design).
+model reading everything), ``history`` (earlier requests of the same speculator),
+``rapid`` (the draft model reading only the parts of a long prompt most related to its
+end), ``rapid-transfer`` (rapid plus RAPID's knowledge transfer with weight 0.5: **lossy**, its output differs from plain greedy by design).
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ SOURCES: dict[str, Entry] = {
                        "a document store directory (default: each request's own documents)", needs=("tokenizer",), default=True),
     "drafter": Entry("retrospec.sources.drafter", "ModelDrafter", "drafter",
                      "a draft model (short name, path or hub id) sharing the target's tokenizer", needs=("model", "store"), default=True),
+    # default: on Spec-Bench (no cross-request repetition) it did not lower the fused MAT
+    # (2.69 -> 2.71 at budget 16, benchmarks/history); on repetitive workloads it adds 8-27%
+    "history": Entry("retrospec.sources.history", "HistorySource", "history",
+                     "a saved history directory (loaded when it exists; HistorySource.save writes it)", default=True),
     "rapid": Entry("retrospec.sources.drafter", "ModelDrafter", "drafter", needs=("model", "store"),
                    options=(("rapid_threshold", 2048),)),
     "rapid-transfer": Entry("retrospec.sources.drafter", "ModelDrafter", "drafter", needs=("model", "store"),
@@ -60,7 +64,7 @@ STORE_KEYS = tuple(dict.fromkeys(e.store for e in SOURCES.values() if e.store))
 
 class Datastores:
     """Paths (or names) of the datastores the sources read, by key (see :data:`SOURCES`):
-    ``index``, ``recycling``, ``documents``, ``drafter``.
+    ``index``, ``recycling``, ``documents``, ``drafter``, ``history``.
 
     >>> Datastores(index="runs/idx").index, Datastores().drafter
     ('runs/idx', None)
@@ -117,7 +121,8 @@ def make_source(name: str, model, tokenizer, stores: Datastores | None = None):
 def default_sources(model=None, tokenizer=None, stores: Datastores | None = None) -> list:
     """Every default source whose needs are met: context, Token Recycling (given the
     model), the documents source (given the tokenizer; it drafts only when a request
-    brings documents or a store is given), and each source whose datastore ``stores`` names."""
+    brings documents or a store is given), the history of earlier requests (loaded from
+    ``stores.history`` when that exists), and each source whose datastore ``stores`` names."""
     stores = stores or Datastores()
     have = {"model": model is not None, "tokenizer": tokenizer is not None}
     names = []

@@ -12,6 +12,7 @@ many prompts gave output identical to greedy's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import platform
@@ -30,6 +31,7 @@ from retrospec.buffers import layer_windows
 from retrospec.compat import pad_token_id
 from retrospec.datastores.files import check_out_folder, write_atomic
 from retrospec.drafting.speculator import AUTO, Speculator
+from retrospec.tools.arctic import MissingPeer
 from retrospec.tools.prompts import PromptRecord, load_prompts, render
 from retrospec.verify.step_cost import dynamic_cost
 from retrospec.verify.verifiers import VerifierConfig, cache_bucket
@@ -174,6 +176,7 @@ class BenchOptions:
     drafter: str | None = None
     documents: str | None = None
     recycling: str | None = None
+    history: str | None = None
     categories: tuple[str, ...] = ()
     warmup: int = 1
     verify: str = "auto"
@@ -259,7 +262,8 @@ def _verifier(options: BenchOptions) -> VerifierConfig:
 def _stores(options: BenchOptions):
     from retrospec.sources.registry import Datastores
 
-    return Datastores(index=options.index, recycling=options.recycling, documents=options.documents, drafter=options.drafter)
+    return Datastores(index=options.index, recycling=options.recycling, documents=options.documents, drafter=options.drafter,
+                      history=options.history)
 
 
 @method("retrospec")
@@ -268,6 +272,52 @@ def _retrospec(name, model, tokenizer, options):
 
     sources = default_sources(model, tokenizer, _stores(options))
     return SpecMethod(name, model, tokenizer, Speculator(sources, budget=_budget(options)), _verifier(options), use_documents=True)
+
+
+@method("retrospec+history")
+def _retrospec_history(name, model, tokenizer, options):
+    """The default mix with the history source added (if the default lacks it)."""
+    return _default_with(name, model, tokenizer, options, history=True)
+
+
+@method("retrospec-history")
+def _retrospec_no_history(name, model, tokenizer, options):
+    """The default mix without the history source (if the default has it)."""
+    return _default_with(name, model, tokenizer, options, history=False)
+
+
+def _default_with(name, model, tokenizer, options, history: bool):
+    from retrospec.sources.registry import default_sources, make_source
+
+    sources = [s for s in default_sources(model, tokenizer, _stores(options)) if s.name != "history"]
+    if history:
+        sources.append(make_source("history", model, tokenizer, _stores(options)))
+    return SpecMethod(name, model, tokenizer, Speculator(sources, budget=_budget(options)), _verifier(options), use_documents=True)
+
+
+def _arctic_budget(options: BenchOptions) -> int:
+    budget = _budget(options)
+    return 16 if budget == AUTO else int(budget)
+
+
+@method("arctic")
+def _arctic(name, model, tokenizer, options):
+    """ArcticInference's SuffixDecodingCache with its global cache of earlier responses
+    (optional: see :mod:`retrospec.tools.arctic`); ``auto`` means 16 tokens."""
+    from retrospec.tools.arctic import ArcticSource
+
+    budget = _arctic_budget(options)
+    return SpecMethod(name, model, tokenizer, Speculator([ArcticSource(budget)], budget=budget), _verifier(options))
+
+
+@method("arctic-local")
+def _arctic_local(name, model, tokenizer, options):
+    """ArcticInference's suffix decoding of each request's own prompt and output only."""
+    from retrospec.tools.arctic import ArcticSource
+
+    budget = _arctic_budget(options)
+    return SpecMethod(name, model, tokenizer, Speculator([ArcticSource(budget, max_cached_requests=0)], budget=budget),
+                      _verifier(options))
 
 
 def _sources_method(name, model, tokenizer, options):
@@ -355,6 +405,8 @@ class BenchResult:
     tallies: dict[str, dict[str, Tally]] = field(default_factory=dict)  # method -> category -> tally
     details: dict[str, dict] = field(default_factory=dict)  # method -> extra (source attribution, timings)
     outputs: list[dict] = field(default_factory=list)
+    arrival: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
+    """method -> (new tokens, steps, identical) per prompt, in the order they ran."""
 
     def overall(self, method: str) -> Tally:
         total = Tally()
@@ -392,7 +444,12 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
     if model is None:
         model, tokenizer = retrospec.load_model(options.model, options.dtype, device=options.device)
     records = load_prompts(options.data, options.per_category, list(options.categories) or None)[: options.limit]
-    methods = [build_method(name, model, tokenizer, options) for name in options.methods]
+    methods = []
+    for name in options.methods:
+        try:
+            methods.append(build_method(name, model, tokenizer, options))
+        except MissingPeer as err:  # an optional peer (ArcticInference) that is not installed
+            log.warning("bench: skipping method %r: %s", name, err)
     # static verifiers (and their graphs) are kept per model, so every shape is captured once
     # per run, not once per method; the dynamic verifier's step cost is measured here, not
     # inside a timed run
@@ -410,6 +467,12 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
         ids = render(tokenizer, [{"role": "user", "content": records[0].turns[0]}], raw=records[0].raw).to(model.device)
         for m in methods:
             m.run(ids, records[0], min(48, options.max_new_tokens))
+    # sources that learn across requests (history, the Arctic peer) forget the warm-up: it
+    # replays the first prompt, which would then be drafted from its own earlier answer
+    for m in methods:
+        for source in m.speculator.sources if isinstance(m, SpecMethod) and not options.history else ():
+            if callable(getattr(source, "forget", None)):
+                source.forget()
     # static verifiers hold one cache length per bucket of request sizes, each captured (and
     # compiled) on first use: meet every bucket of the run here, or the first method to need
     # a longer one pays its capture inside its timing
@@ -442,8 +505,10 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
                 )
             tally.identical = int(produced == reference_tokens)
             result.tallies[m.name].setdefault(record.category, Tally()).add(tally)
+            result.arrival.setdefault(m.name, []).append((tally.new_tokens, tally.steps, tally.identical))
     for m in methods:
         total = result.overall(m.name)
+        result.details.setdefault(m.name, {})["arrival"] = arrival_quarters(result.arrival.get(m.name, []))
         result.details.setdefault(m.name, {})["decode"] = {
             "prefill_seconds": round(total.prefill_seconds, 3),
             "prefills": total.prefills,
@@ -451,6 +516,23 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
         }
     write_outputs(result, options, model)
     return result
+
+
+def arrival_quarters(runs: list[tuple[int, int, int]]) -> list[dict]:
+    """MAT and identity per quarter of the prompts in arrival order (sources that learn
+    across requests warm up as the run goes: the last quarter shows what they learnt).
+
+    >>> [q["mat"] for q in arrival_quarters([(4, 2, 1), (6, 2, 1), (8, 2, 1), (9, 1, 0)])]
+    [2.0, 3.0, 4.0, 9.0]
+    """
+    bounds = np.linspace(0, len(runs), 5).round().astype(int)
+    quarters = []
+    for lo, hi in itertools.pairwise(bounds.tolist()):
+        part = runs[lo:hi]
+        tokens, steps = sum(r[0] for r in part), sum(r[1] for r in part)
+        quarters.append({"prompts": int(hi - lo), "mat": round(tokens / steps, 4) if steps else 0.0,
+                         "identical": sum(r[2] for r in part)})
+    return quarters
 
 
 def _run_turns(m: Method, record: PromptRecord, tokenizer, max_new_tokens: int, device) -> list[tuple[list[int], Run]]:
@@ -563,6 +645,18 @@ def report_markdown(doc: dict, result: BenchResult, options: BenchOptions, model
         speed = t.decode_tok_s() / ref.decode_tok_s() if ref.decode_tok_s() else 0.0
         lines.append(f"| {name} | {t.decode_tok_s():.2f} | {speed:.2f}× | {t.prefill_seconds / max(t.prefills, 1):.2f} | "
                      f"{t.prefill_seconds / t.seconds if t.seconds else 0.0:.0%} |")
+    lines.append("")
+    lines += [
+        "## Arrival order",
+        "",
+        "MAT per quarter of the prompts, in the order they ran through each method's one speculator",
+        "(sources that learn across requests warm up as the run goes).",
+        "",
+        "| method | Q1 | Q2 | Q3 | Q4 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, runs in result.arrival.items():
+        lines.append(f"| {name} | " + " | ".join(f"{q['mat']:.2f}" for q in arrival_quarters(runs)) + " |")
     lines.append("")
     stepped = {name: d for name, d in result.details.items() if "steps" in d}  # retrospec's own methods
     if stepped:

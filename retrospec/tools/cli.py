@@ -91,6 +91,10 @@ def cmd_generate(args) -> int:
         for source in speculator.sources:
             if isinstance(source, retrospec.TokenRecycling):
                 source.save(args.recycling)
+    if args.history:  # and the requests the history source saw
+        for source in speculator.sources:
+            if isinstance(source, retrospec.HistorySource):
+                source.save(args.history)
     return code
 
 
@@ -203,6 +207,7 @@ def cmd_bench(args) -> int:
         drafter=args.drafter,
         documents=args.documents,
         recycling=args.recycling,
+        history=args.history,
         categories=tuple(c for c in (args.categories or "").split(",") if c),
         warmup=args.warmup,
         verify=args.verify,
@@ -286,9 +291,18 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------- simulate
 def cmd_simulate(args) -> int:
     import retrospec
+    from retrospec.sources.registry import make_source
+    from retrospec.tools.bench import arrival_quarters
     from retrospec.tools.simulate import simulate
 
-    sources = {"context": [retrospec.ContextSource()]}
+    sources = {}
+    for name in (m.strip() for m in args.methods.split(",") if m.strip()):
+        if name in ("arctic", "arctic-local"):  # the optional peer (retrospec.tools.arctic)
+            from retrospec.tools.arctic import ArcticSource
+
+            sources[name] = [ArcticSource(args.budget, max_cached_requests=-1 if name == "arctic" else 0)]
+        else:
+            sources[name] = [make_source(part, None, None) for part in name.split("+")]
     if args.index:
         from retrospec.datastores.suffix_index import SuffixIndex
 
@@ -298,9 +312,10 @@ def cmd_simulate(args) -> int:
     rows = []
     for name, srcs in sources.items():
         result = simulate(args.outputs, retrospec.Speculator(srcs, budget=args.budget))
-        rows.append([name, result.mat] + [round(v, 2) for v in result.category_mat().values()])
+        quarters = [q["mat"] for q in arrival_quarters([(t, s, 0) for t, s in result.by_record])]
+        rows.append([name, round(result.mat, 3)] + [round(v, 2) for v in result.category_mat().values()] + quarters)
         cats = list(result.category_mat())
-    print(format_table(["sources", "MAT", *cats], rows))
+    print(format_table(["sources", "MAT", *cats, "Q1", "Q2", "Q3", "Q4"], rows))
     return 0
 
 
@@ -364,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are committed")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                    help="also run plain greedy and compare speed and output (default: on for one prompt, off for --prompts)")
-    _add_store_args(p, {"index", "recycling", "documents", "drafter"})
+    _add_store_args(p, {"index", "recycling", "documents", "drafter", "history"})
     p.add_argument("--json", action="store_true", help="print the statistics as JSON too")
     p.set_defaults(func=cmd_generate)
 
@@ -382,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="greedy,pld,retrospec",
-        help="comma-separated: greedy, greedy-static, pld, assistant, retrospec, or sources joined by '+' "
-        "(context, suffix-index, recycling, documents, drafter); NAME@N gives a method its own budget (default: %(default)s)",
+        help="comma-separated: greedy, greedy-static, pld, assistant, retrospec, retrospec+history, retrospec-history, "
+        "arctic (ArcticInference's suffix decoding with its global cache, optional), arctic-local, or sources joined by '+' "
+        "(context, suffix-index, recycling, documents, drafter, history); NAME@N gives a method its own budget (default: %(default)s)",
     )
     p.add_argument(
         "--out",
@@ -416,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outputs", help="outputs.jsonl written by `retrospec bench`")
     p.add_argument("--budget", type=int, default=32, help="nodes per step (default: %(default)s)")
     p.add_argument("--index", help="also simulate with this suffix index")
+    p.add_argument("--methods", default="context",
+                   help="comma-separated sources joined by '+' that need no model (context, history, ...), or arctic / "
+                   "arctic-local (ArcticInference's suffix decoding, optional); each gets one speculator for the whole "
+                   "file, replayed in order, with MAT per arrival quarter (default: %(default)s)")
     p.set_defaults(func=cmd_simulate)
 
     try:

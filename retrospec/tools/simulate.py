@@ -25,6 +25,8 @@ class SimResult:
     new_tokens: int = 0
     steps: int = 0
     by_category: dict[str, tuple[int, int]] = field(default_factory=dict)
+    by_record: list[tuple[int, int]] = field(default_factory=list)
+    """(new tokens, steps) of each record, in the order replayed."""
 
     @property
     def mat(self) -> float:
@@ -62,9 +64,10 @@ def accepted_path(tree: DraftTree, reference: np.ndarray) -> list[int]:
 
 def replay(speculator: Speculator, prompt: np.ndarray, reference: np.ndarray, documents=()) -> int:
     """Steps a speculator needs to produce ``reference`` after ``prompt`` (first token from the prefill)."""
-    if reference.shape[0] <= 1:
-        return 0
     session = speculator.start_request(prompt, None, documents)
+    if reference.shape[0] <= 1:
+        session.finish(np.concatenate([prompt, reference]).astype(np.int64))
+        return 0
     context = np.concatenate([prompt, reference]).astype(np.int64)
     pos, steps = 1, 0
     while pos < reference.shape[0]:
@@ -84,6 +87,7 @@ def replay(speculator: Speculator, prompt: np.ndarray, reference: np.ndarray, do
         )
         pos += commit
         steps += 1
+    session.finish(context)
     return steps
 
 
@@ -95,8 +99,11 @@ def simulate(outputs_path: str, speculator: Speculator, categories: list[str] | 
             raise ValueError(f"{outputs_path}:{line}: needs 'prompt_ids' and 'outputs' (written by retrospec bench)")
         if categories and row["category"] not in categories:
             continue
+        tokens = steps = 0
         for prompt, reference in zip(row["prompt_ids"], row["outputs"]):
             ref = np.asarray(reference, np.int64)
-            steps = replay(speculator, np.asarray(prompt, np.int64), ref, row.get("passages", ()))
-            result.add(row["category"], max(ref.shape[0], 0), steps)
+            done = replay(speculator, np.asarray(prompt, np.int64), ref, row.get("passages", ()))
+            result.add(row["category"], max(ref.shape[0], 0), done)
+            tokens, steps = tokens + ref.shape[0], steps + done
+        result.by_record.append((tokens, steps))
     return result
