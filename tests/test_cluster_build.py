@@ -178,6 +178,7 @@ def local_ray():
     tests = str(Path(__file__).resolve().parent)
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([tests, *([old] if old else [])])
+    os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")  # else Ray replaces builtins.print (later tests compare it by name)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -434,6 +434,9 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, options: ClusterOptions, shared):
+        # Ray's progress-bar manager replaces the process's builtins.print with its own the
+        # first time a worker's bar reaches the driver: the caller's print stays theirs
+        os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
         import ray
 
         self.ray = ray
