@@ -188,6 +188,13 @@ def build(name: str, model, tokenizer, options) -> BatchMethod:
     return Spec(*args, speculator=method.speculator, verifier=method.verifier, whole=whole)
 
 
+def fresh_speculator(method: Spec, model, tokenizer, options) -> Spec:
+    """``method`` with a new speculator (new sources, nothing learnt), the same verifier."""
+    new = build(method.name, model, tokenizer, options)
+    new.verifier = method.verifier
+    return new
+
+
 def run_batch_bench(options, model, tokenizer) -> dict:
     """Every method at every batch size of ``options.batch_sizes``; writes ``batch.json``,
     ``batch.md`` and ``batch.png`` under ``options.out`` and returns the document."""
@@ -214,6 +221,10 @@ def run_batch_bench(options, model, tokenizer) -> dict:
            "reference": reference, "batch_sizes": {}}
     profile = options.profile
     for batch in options.batch_sizes:
+        # every batch size starts from the same drafting state: the same prompts run at the
+        # last batch size, and sources that learn across requests (Token Recycling, history)
+        # would otherwise draft them from their own earlier answers
+        methods = [fresh_speculator(m, model, tokenizer, options) if isinstance(m, Spec) else m for m in methods]
         cells = {m.name: Cell() for m in methods}
         chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
         # warm-up: the chunk with the longest prompt, full length (every fixed shape this
@@ -225,6 +236,11 @@ def run_batch_bench(options, model, tokenizer) -> dict:
             except Exception as err:
                 cells[m.name].error = f"{type(err).__name__}: {err}"[:200]
                 log.warning("bench: %s at batch %d: %s", m.name, batch, cells[m.name].error)
+        # ...and forget what the warm-up (a chunk of these prompts) taught them
+        for m in methods:
+            for source in m.speculator.sources if isinstance(m, Spec) else ():
+                if callable(getattr(source, "forget", None)):
+                    source.forget()
         outputs: dict[str, list[list[int]]] = {m.name: [] for m in methods}
         for m in methods:  # continuous batching runs over every prompt in one go
             if m.whole and not cells[m.name].error:
