@@ -123,7 +123,11 @@ class LiveCost:
         with self._lock:
             step = self._steps.get(batch, 0)
             ratio = self._ratio.get(batch, 1.0)
-            fresh = {s: sec for (b, s), (sec, seen) in self._cells.items() if b == batch and step - seen <= self.fresh}
+            if x.ndim == 0:  # one size (the loop's hot path): one lookup, not a scan of the cells
+                cell = self._cells.get((batch, int(x)))
+                fresh = {int(x): cell[0]} if cell is not None and step - cell[1] <= self.fresh else {}
+            else:
+                fresh = {s: sec for (b, s), (sec, seen) in self._cells.items() if b == batch and step - seen <= self.fresh}
         if x.ndim == 0:
             found = fresh.get(int(x))
             return found if found is not None else float(self.prior(batch)(x)) * ratio
@@ -148,14 +152,19 @@ class LiveCost:
             self._ratio[batch] = r if old_r is None else old_r + self.alpha * (r - old_r)
 
 
-def expected_tokens(row_scores: Sequence[np.ndarray], nodes: int) -> float:
+def expected_tokens(row_scores: Sequence[np.ndarray], nodes: int | np.ndarray) -> float | np.ndarray:
     """Tokens the rows commit on average when each verifies its ``nodes`` best nodes
-    (``row_scores``: each row's path scores, best first).
+    (``row_scores``: each row's path scores, best first); ``nodes`` may be an array of sizes.
 
     >>> round(expected_tokens([np.array([0.9, 0.5]), np.array([0.2])], 2), 6)   # (1 + 1.4) + (1 + 0.2)
     3.6
     """
-    return float(sum(1.0 + float(s[:nodes].sum()) for s in row_scores))
+    n = np.asarray(nodes, np.int64)
+    tokens = np.full(n.shape, float(len(row_scores)))
+    for scores in row_scores:  # 1 + (the row's n best scores), every n at once
+        sums = np.concatenate([[0.0], np.cumsum(scores, dtype=np.float64)])
+        tokens = tokens + sums[np.minimum(n, scores.shape[0])]
+    return float(tokens) if tokens.ndim == 0 else tokens
 
 
 def choose_nodes(row_scores: Sequence[np.ndarray], options: Sequence[int], cost: Callable[[np.ndarray], np.ndarray]) -> int:
@@ -170,12 +179,7 @@ def choose_nodes(row_scores: Sequence[np.ndarray], options: Sequence[int], cost:
     nodes = np.unique(np.asarray(list(options), np.int64))
     if nodes.shape[0] == 0:
         return 0
-    # tokens(n) = sum over rows of 1 + (the row's n best scores), every n at once
-    tokens = np.full(nodes.shape[0], float(len(row_scores)))
-    for scores in row_scores:
-        sums = np.concatenate([[0.0], np.cumsum(scores, dtype=np.float64)])
-        tokens += sums[np.minimum(nodes, scores.shape[0])]
-    rate = tokens / np.broadcast_to(np.asarray(cost(nodes + 1), np.float64), nodes.shape)
+    rate = expected_tokens(row_scores, nodes) / np.broadcast_to(np.asarray(cost(nodes + 1), np.float64), nodes.shape)
     return int(nodes[np.argmax(rate >= rate.max() / (1.0 + 1e-9))])
 
 

@@ -199,7 +199,7 @@ def run_batch_bench(options, model, tokenizer) -> dict:
     """Every method at every batch size of ``options.batch_sizes``; writes ``batch.json``,
     ``batch.md`` and ``batch.png`` under ``options.out`` and returns the document."""
     from retrospec.datastores.files import check_out_folder
-    from retrospec.tools.bench import OUTPUTS
+    from retrospec.tools.bench import OUTPUTS, forget_learnt
 
     check_out_folder(Path(options.out), OUTPUTS)  # before the run, not after
     records = load_prompts(options.data, options.per_category, list(options.categories) or None)[: options.limit]
@@ -238,9 +238,8 @@ def run_batch_bench(options, model, tokenizer) -> dict:
                 log.warning("bench: %s at batch %d: %s", m.name, batch, cells[m.name].error)
         # ...and forget what the warm-up (a chunk of these prompts) taught them
         for m in methods:
-            for source in m.speculator.sources if isinstance(m, Spec) else ():
-                if callable(getattr(source, "forget", None)):
-                    source.forget()
+            if isinstance(m, Spec):
+                forget_learnt(m.speculator)
         outputs: dict[str, list[list[int]]] = {m.name: [] for m in methods}
         for m in methods:  # continuous batching runs over every prompt in one go
             if m.whole and not cells[m.name].error:

@@ -158,6 +158,14 @@ class SpecMethod(Method):
         return _new_tokens(out.sequences, ids.shape[1]), out.stats
 
 
+def forget_learnt(speculator: Speculator) -> None:
+    """Sources that learn across requests (history, the Arctic peer) forget what they
+    learnt: a benchmark's warm-up replays prompts it then times."""
+    for source in speculator.sources:
+        if callable(getattr(source, "forget", None)):
+            source.forget()
+
+
 @dataclass
 class BenchOptions:
     """What ``retrospec bench`` was asked for (the CLI flags)."""
@@ -470,9 +478,8 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> BenchResult:
     # sources that learn across requests (history, the Arctic peer) forget the warm-up: it
     # replays the first prompt, which would then be drafted from its own earlier answer
     for m in methods:
-        for source in m.speculator.sources if isinstance(m, SpecMethod) and not options.history else ():
-            if callable(getattr(source, "forget", None)):
-                source.forget()
+        if isinstance(m, SpecMethod) and not options.history:
+            forget_learnt(m.speculator)
     # static verifiers hold one cache length per bucket of request sizes, each captured (and
     # compiled) on first use: meet every bucket of the run here, or the first method to need
     # a longer one pays its capture inside its timing
