@@ -542,6 +542,16 @@ class ClusterReport(BuildReport):
                 f"{self.worker_peak_rss_mb:.0f} MB")
 
 
+def _run_all(engine, fn: Callable, jobs: list, label: Callable, desc: str, unit: str, progress: bool) -> list[dict]:
+    """Every job's result, in the jobs' order, as the engine finishes them (a progress bar)."""
+    results: list[dict | None] = [None] * len(jobs)
+    with tqdm(desc=desc, total=len(jobs), unit=unit, disable=not progress) as bar:
+        for i, result in engine.run(fn, jobs, label):
+            results[i] = result
+            bar.update(1)
+    return results
+
+
 def build_index_distributed(
     inputs: list[str | Path],
     tokenizer,
@@ -582,11 +592,7 @@ def build_index_distributed(
             # 2) tokenize every piece
             start = time.perf_counter()
             jobs = [TokenizeJob(p, str(work), read, options.add_eos, options.batch_docs) for p in pieces]
-            results: list[dict | None] = [None] * len(jobs)
-            with tqdm(desc="tokenize", total=len(jobs), unit="piece", disable=not progress) as bar:
-                for i, result in engine.run(tokenize_fn, jobs, lambda j: f"tokenizing {_describe(j.piece)}"):
-                    results[i] = result
-                    bar.update(1)
+            results = _run_all(engine, tokenize_fn, jobs, lambda j: f"tokenizing {_describe(j.piece)}", "tokenize", "piece", progress)
             report.tokenize_wall_seconds = time.perf_counter() - start
             lengths = [r["lengths"] for r in results]
             report.tokens = sum(r["tokens"] for r in results)
@@ -598,11 +604,7 @@ def build_index_distributed(
             start = time.perf_counter()
             old = len(previous.data["shards"]) if previous else 0
             shard_jobs = plan_shards(pieces, lengths, options, old, str(tmp), str(work))
-            built: list[dict | None] = [None] * len(shard_jobs)
-            with tqdm(desc="shards", total=len(shard_jobs), unit="shard", disable=not progress) as bar:
-                for i, result in engine.run(shard_fn, shard_jobs, lambda j: f"building {j.name}"):
-                    built[i] = result
-                    bar.update(1)
+            built = _run_all(engine, shard_fn, shard_jobs, lambda j: f"building {j.name}", "shards", "shard", progress)
             report.index_wall_seconds = time.perf_counter() - start
         finally:
             engine.close()
