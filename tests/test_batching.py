@@ -51,6 +51,24 @@ def test_every_row_equals_that_row_alone(arch, attn, mode):
     del oracles
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_prompts_of_very_different_lengths_prefill_apart_and_stay_exact(arch):
+    """A 180-token prompt beside 8- and 10-token ones: the short ones are read in a forward of
+    their own (no 170 columns of padding each), into the same cache, with the same outputs."""
+    from retrospec.verify.verifiers import PREFILL_OVERHEAD, prefill_groups
+
+    model = tiny_model(arch)
+    prompts = [repetitive_prompt(96, n, seed + 70) for seed, n in enumerate([8, 180, 10])]
+    assert prefill_groups([p.shape[1] for p in prompts], PREFILL_OVERHEAD["cpu"]) == [[0, 2], [1]]
+    refs = alone(model, prompts, max_new_tokens=24)
+    ids, mask = left_padded(prompts)
+    for mode in ("dynamic", "static"):
+        speculator = retrospec.Speculator([retrospec.ContextSource()], budget=8)
+        out = retrospec.generate(model, ids, attention_mask=mask, speculator=speculator, verifier=retrospec.VerifierConfig(mode=mode),
+                                 do_sample=False, pad_token_id=0, max_new_tokens=24)
+        assert rows_of(out, ids.shape[1]) == refs, mode
+
+
 def test_rows_accept_different_lengths_and_the_cache_stays_exact():
     """Each row drafts from its own oracle (errors at random depths): rows drift apart."""
     model = tiny_model("llama")

@@ -199,7 +199,7 @@ def run_batch_bench(options, model, tokenizer) -> dict:
     """Every method at every batch size of ``options.batch_sizes``; writes ``batch.json``,
     ``batch.md`` and ``batch.png`` under ``options.out`` and returns the document."""
     from retrospec.datastores.files import check_out_folder
-    from retrospec.tools.bench import OUTPUTS, forget_learnt
+    from retrospec.tools.bench import OUTPUTS
 
     check_out_folder(Path(options.out), OUTPUTS)  # before the run, not after
     records = load_prompts(options.data, options.per_category, list(options.categories) or None)[: options.limit]
@@ -221,10 +221,6 @@ def run_batch_bench(options, model, tokenizer) -> dict:
            "reference": reference, "batch_sizes": {}}
     profile = options.profile
     for batch in options.batch_sizes:
-        # every batch size starts from the same drafting state: the same prompts run at the
-        # last batch size, and sources that learn across requests (Token Recycling, history)
-        # would otherwise draft them from their own earlier answers
-        methods = [fresh_speculator(m, model, tokenizer, options) if isinstance(m, Spec) else m for m in methods]
         cells = {m.name: Cell() for m in methods}
         chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
         # warm-up: the chunk with the longest prompt, full length (every fixed shape this
@@ -236,10 +232,10 @@ def run_batch_bench(options, model, tokenizer) -> dict:
             except Exception as err:
                 cells[m.name].error = f"{type(err).__name__}: {err}"[:200]
                 log.warning("bench: %s at batch %d: %s", m.name, batch, cells[m.name].error)
-        # ...and forget what the warm-up (a chunk of these prompts) taught them
-        for m in methods:
-            if isinstance(m, Spec):
-                forget_learnt(m.speculator)
+        # ...and time a speculator that has seen none of these prompts (the warm-up and the
+        # last batch size ran them: Token Recycling, history and the calibration would have
+        # learnt their answers)
+        methods = [fresh_speculator(m, model, tokenizer, options) if isinstance(m, Spec) else m for m in methods]
         outputs: dict[str, list[list[int]]] = {m.name: [] for m in methods}
         for m in methods:  # continuous batching runs over every prompt in one go
             if m.whole and not cells[m.name].error:
