@@ -13,7 +13,9 @@ warm-up at that batch size that meets every fixed shape of the run. Methods:
 * ``cb-<method>``: a retrospec method over all prompts at once with ``batch_size=B``
   (finished rows refilled from the rest, as ``generate_batch`` does).
 
-Reported per batch size and method: tokens/s, the speedup over each plain method, MAT
+Reported per batch size and method: tokens/s, the speedup over each plain method, the
+seconds spent in prefill forwards and the decoding tokens/s after them (``generate-batch``
+interleaves its prefills with decoding: 0 s there), MAT
 (tokens per row per step), the mean tree size, how many outputs equal the reference's
 (``greedy`` at the same batch size, else ``greedy-static``) and, with ``--profile``,
 median host and device milliseconds per step.
@@ -48,6 +50,8 @@ class Cell:
     steps: int = 0
     forwards: int = 0
     drafted: int = 0
+    prefill: float = 0.0
+    """Seconds until each chunk's first tokens (the prompts' prefill forwards)."""
     identical: int = 0
     n: int = 0
     host_ms: list[float] = field(default_factory=list)
@@ -59,6 +63,9 @@ class Cell:
             "tok_s": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
             "tokens": self.tokens,
             "seconds": round(self.seconds, 3),
+            "prefill_s": round(self.prefill, 3),
+            # after the prefill: tokens but each prompt's first, per second of decoding
+            "decode_tok_s": round((self.tokens - self.n) / (self.seconds - self.prefill), 2) if self.seconds > self.prefill else 0.0,
             "mat": round(self.tokens / self.steps, 3) if self.steps else 1.0,
             "mean_tree": round(self.drafted / self.steps, 2) if self.steps else 0.0,
             "identical": self.identical,
@@ -92,6 +99,9 @@ class BatchMethod:
         self.name, self.model, self.tokenizer, self.max_new = name, model, tokenizer, max_new_tokens
         self.pad = pad_token_id(tokenizer)
 
+    prefill = 0.0
+    """Seconds the last ``generate`` spent on prefill forwards."""
+
     def generate(self, prompts: list[list[int]], batch: int):
         raise NotImplementedError
 
@@ -118,7 +128,13 @@ class Plain(BatchMethod):
                 cache = self.caches[(len(prompts), length)] = StaticCache(config=self.model.config, max_cache_len=length)
             cache.reset()
             kwargs = {cache_kwarg(self.model): cache}
-        out = self.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=self.max_new, pad_token_id=self.pad, **kwargs)
+        from retrospec.tools.bench import ForwardCounter
+
+        start = time.perf_counter()
+        with ForwardCounter(self.model) as counter:
+            out = self.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=self.max_new, pad_token_id=self.pad,
+                                      **kwargs)
+        self.prefill = (counter.first_end or start) - start
         return [_trim(out[b, ids.shape[1] :].tolist(), self.tokenizer, self.pad) for b in range(len(prompts))], None
 
 
@@ -266,6 +282,7 @@ def _timed(method: BatchMethod, prompts, batch: int, cell: Cell, outputs: list, 
     cell.seconds += time.perf_counter() - start
     cell.tokens += sum(len(o) for o in outs)
     outputs.extend(outs)
+    cell.prefill += stats.seconds.get("prefill", 0.0) if stats is not None else method.prefill
     if stats is not None:
         cell.steps += stats.steps
         cell.forwards += stats.forwards
@@ -301,20 +318,20 @@ def batch_markdown(doc: dict, options, model) -> str:
         "",
         "| batch | method | tok/s | "
         + " | ".join(f"vs {p}" for p in plain)
-        + " | MAT | mean tree | identical | host ms/step | device ms/step |",
-        "|---:|---|---:|" + "---:|" * len(plain) + "---:|---:|---:|---:|---:|",
+        + " | decode tok/s | prefill s | MAT | mean tree | identical | host ms/step | device ms/step |",
+        "|---:|---|---:|" + "---:|" * len(plain) + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for batch, rows in doc["batch_sizes"].items():
         for method, row in rows.items():
             if row.get("error"):
-                lines.append(f"| {batch} | {method} | n/a ({row['error'][:60]}) |" + " |" * (len(plain) + 5))
+                lines.append(f"| {batch} | {method} | n/a ({row['error'][:60]}) |" + " |" * (len(plain) + 7))
                 continue
             ratios = []
             for p in plain:
                 base = rows.get(p, {}).get("tok_s", 0.0)
                 ratios.append(f"{row['tok_s'] / base:.2f}×" if base else "")
             lines.append(f"| {batch} | {method} | {row['tok_s']:.1f} | " + " | ".join(ratios) +
-                         f" | {row['mat']:.2f} | {row['mean_tree']:.1f} | {row['identical']}/{row['n']} | "
+                         f" | {row.get('decode_tok_s', 0.0):.1f} | {row.get('prefill_s', 0.0):.2f} | {row['mat']:.2f} | {row['mean_tree']:.1f} | {row['identical']}/{row['n']} | "
                          f"{row.get('host_ms', '')} | {row.get('device_ms', '')} |")
     lines.append("")
     return "\n".join(lines)
