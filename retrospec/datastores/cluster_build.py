@@ -59,9 +59,9 @@ from retrospec.datastores.corpus import (
     CorpusError,
     Document,
     ReadOptions,
-    _read_jsonl,
     is_jsonl,
     jsonl_document,
+    read_jsonl,
     read_text,
     tree_files,
 )
@@ -69,10 +69,10 @@ from retrospec.datastores.files import building, check_files, tokenizer_identity
 from retrospec.datastores.suffix_build import (
     BuildOptions,
     BuildReport,
-    _tokenize,
     document_starts,
     finish_index,
     open_previous,
+    tokenize,
     write_shard_tokens,
 )
 from retrospec.datastores.suffix_index import FORMAT, read_index_manifest
@@ -183,7 +183,7 @@ def _piece_documents(piece: Piece, read: ReadOptions, tokenizer) -> Iterator[tup
         for file in piece.files:
             yield read_text(Path(file)), 0
     elif piece.kind == "gzip":
-        for doc in _read_jsonl(Path(piece.path), read, tokenizer):
+        for doc in read_jsonl(Path(piece.path), read, tokenizer):
             yield doc, 0
     else:
         path = Path(piece.path)
@@ -267,7 +267,7 @@ def tokenize_piece(job: TokenizeJob, tokenizer) -> dict:
     batch: list[tuple[Document, int]] = []
 
     def flush() -> None:
-        for x, (doc, line) in zip(_tokenize(tokenizer, [d.text for d, _ in batch], job.add_eos), batch):
+        for x, (doc, line) in zip(tokenize(tokenizer, [d.text for d, _ in batch], job.add_eos), batch):
             if x.shape[0]:  # an empty document adds nothing (as in the single-process build)
                 ids.append(x)
                 rows.append({"line": line, "source": doc.source, "meta": doc.meta or None})

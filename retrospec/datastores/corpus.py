@@ -109,7 +109,9 @@ def jsonl_document(record_text: str, where: str, source: str, options: ReadOptio
     return Document(clean_text(text), source, {"id": record.get("id")} if "id" in record else {})
 
 
-def _read_jsonl(path: Path, options: ReadOptions, tokenizer) -> Iterator[Document]:
+def read_jsonl(path: Path, options: ReadOptions, tokenizer) -> Iterator[Document]:
+    """The documents of one JSONL (or .jsonl.gz) file, one per line that holds text (see
+    :func:`jsonl_document`); a file that cannot be read raises :class:`CorpusError`."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -154,6 +156,6 @@ def iter_documents(inputs: list[str | Path], options: ReadOptions = ReadOptions(
         elif not path.exists():
             raise CorpusError(f"{path}: no such file or directory")
         elif is_jsonl(path):
-            yield from _read_jsonl(path, options, tokenizer)
+            yield from read_jsonl(path, options, tokenizer)
         else:
             yield read_text(path)

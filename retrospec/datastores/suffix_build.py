@@ -229,7 +229,8 @@ class _ShardWriter:
         self.docs, self.meta, self.count = [], [], 0
 
 
-def _tokenize(tokenizer, texts: list[str], add_eos: bool) -> list[np.ndarray]:
+def tokenize(tokenizer, texts: list[str], add_eos: bool) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens; the EOS appended when ``add_eos``)."""
     if not texts:  # a fast tokenizer given [] raises IndexError
         return []
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -263,7 +264,7 @@ def build_index(
 
     def tokenized(batch: list[Document], report: BuildReport):
         start = time.perf_counter()
-        token_lists = _tokenize(tokenizer, [d.text for d in batch], options.add_eos)
+        token_lists = tokenize(tokenizer, [d.text for d in batch], options.add_eos)
         report.tokenize_seconds += time.perf_counter() - start
         return zip(token_lists, batch)
 

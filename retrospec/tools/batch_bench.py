@@ -331,7 +331,8 @@ def batch_markdown(doc: dict, options, model) -> str:
                 base = rows.get(p, {}).get("tok_s", 0.0)
                 ratios.append(f"{row['tok_s'] / base:.2f}×" if base else "")
             lines.append(f"| {batch} | {method} | {row['tok_s']:.1f} | " + " | ".join(ratios) +
-                         f" | {row.get('decode_tok_s', 0.0):.1f} | {row.get('prefill_s', 0.0):.2f} | {row['mat']:.2f} | {row['mean_tree']:.1f} | {row['identical']}/{row['n']} | "
+                         f" | {row.get('decode_tok_s', 0.0):.1f} | {row.get('prefill_s', 0.0):.2f}"
+                         f" | {row['mat']:.2f} | {row['mean_tree']:.1f} | {row['identical']}/{row['n']} | "
                          f"{row.get('host_ms', '')} | {row.get('device_ms', '')} |")
     lines.append("")
     return "\n".join(lines)
