@@ -94,13 +94,13 @@ class BatchMethod:
 
     whole = False
     """Runs over all prompts at once (continuous batching) instead of chunk by chunk."""
+    prefill = 0.0
+    """Seconds the last ``generate`` spent on prefill forwards (plain methods; retrospec's
+    stats carry their own)."""
 
     def __init__(self, name: str, model, tokenizer, max_new_tokens: int):
         self.name, self.model, self.tokenizer, self.max_new = name, model, tokenizer, max_new_tokens
         self.pad = pad_token_id(tokenizer)
-
-    prefill = 0.0
-    """Seconds the last ``generate`` spent on prefill forwards."""
 
     def generate(self, prompts: list[list[int]], batch: int):
         raise NotImplementedError
@@ -282,8 +282,10 @@ def _timed(method: BatchMethod, prompts, batch: int, cell: Cell, outputs: list, 
     cell.seconds += time.perf_counter() - start
     cell.tokens += sum(len(o) for o in outs)
     outputs.extend(outs)
-    cell.prefill += stats.seconds.get("prefill", 0.0) if stats is not None else method.prefill
-    if stats is not None:
+    if stats is None:  # a plain method: timed by its own first forward
+        cell.prefill += method.prefill
+    else:
+        cell.prefill += stats.seconds.get("prefill", 0.0)
         cell.steps += stats.steps
         cell.forwards += stats.forwards
         cell.drafted += stats.drafted_nodes

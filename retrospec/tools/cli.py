@@ -104,7 +104,7 @@ def _generate_one(args, model, tokenizer, speculator) -> int:
 
     import retrospec
     from retrospec.compat import pad_token_id
-    from retrospec.sources.registry import default_sources
+    from retrospec.tools.demo import warm_up
     from retrospec.tools.prompts import render
 
     text = args.prompt if args.prompt is not None else Path(args.file).read_text(encoding="utf-8")
@@ -113,11 +113,8 @@ def _generate_one(args, model, tokenizer, speculator) -> int:
         attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad_token_id(tokenizer)
     )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
-    if args.compare is not False:  # both timed warm, as the demo does: the first forwards of a process and
-        # the drafting kernels' first calls are one-off costs, and otherwise only the first method run pays them
-        warm = dict(common, max_new_tokens=4)
-        model.generate(ids, **warm)
-        retrospec.generate(model, ids, speculator=retrospec.Speculator(default_sources(model, tokenizer)), verifier=_verifier(args), **warm)
+    if args.compare is not False:  # both timed warm, as in the demo (else only the first one run pays the one-off costs)
+        warm_up(model, tokenizer, speculator, _verifier(args))
     start = time.perf_counter()
     out = retrospec.generate(model, ids, speculator=speculator, streamer=streamer, verifier=_verifier(args), **common)
     spec_s = time.perf_counter() - start

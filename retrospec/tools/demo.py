@@ -47,6 +47,17 @@ def demo_prompts() -> list[PromptRecord]:
         return load_prompts(path)
 
 
+def warm_up(model, tokenizer, speculator, verifier=None) -> None:
+    """A few tokens of a short unrelated prompt, plain and with ``speculator``: the process's
+    first forwards, the drafting kernels' first calls and the one-off step-cost measurement
+    of ``budget="auto"`` are paid before anything is timed (by both methods alike)."""
+    pad = pad_token_id(tokenizer)
+    warm = render(tokenizer, [{"role": "user", "content": "Hello"}])
+    common = dict(attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4, pad_token_id=pad)
+    model.generate(warm, **common)
+    retrospec.generate(model, warm, speculator=speculator, verifier=verifier, **common)
+
+
 def run_demo(
     model_name: str = DEFAULT_MODEL,
     dtype: str = "float32",
@@ -76,12 +87,7 @@ def run_demo(
             max_new_tokens=max_new_tokens, pad_token_id=pad, documents=list(record.passages),
         )
 
-    # warm-up (and the one-off step-cost measurement of budget="auto")
-    warm = render(tokenizer, [{"role": "user", "content": "Hello"}])
-    model.generate(warm, attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4, pad_token_id=pad)
-    retrospec.generate(
-        model, warm, speculator=speculator, attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4, pad_token_id=pad
-    )
+    warm_up(model, tokenizer, speculator)
 
     rows = []
     for record in records:
