@@ -239,6 +239,30 @@ def test_cached_top_levels_change_nothing_but_the_pages_touched(tmp_path):
         SuffixConfig(cached_levels=30)
 
 
+def test_row_ranges_equal_a_brute_force_scan_with_and_without_top_levels():
+    from retrospec.datastores.suffix_index import TopLevels, bits_for, pack_bits, sa_range
+
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        n = int(rng.integers(1, 400))
+        tokens = rng.integers(0, 1 + trial % 5 + 1, n)  # alphabets of 2..6: long runs of equal rows
+        sa = np.array(sorted(range(n), key=lambda i: tokens[i:].tolist()), np.int64)
+        tw, sw = bits_for(int(tokens.max())), bits_for(n)
+        tok, packed = pack_bits(tokens.astype(np.int64), tw), pack_bits(sa, sw)
+        top = TopLevels.empty(max(1, n.bit_length() - 2), 4)  # fewer levels than the search: both paths run
+        for _ in range(30):
+            m = int(rng.integers(1, 7))
+            pattern = rng.integers(0, 1 + trial % 5 + 1, m)
+            rows = [r for r in range(n) if tokens[sa[r] : sa[r] + m].tolist() == pattern.tolist()]
+            want = (rows[0], rows[-1] + 1) if rows else None
+            for levels in ((), (top,)):
+                got = sa_range(tok, tw, packed, sw, n, pattern, m, *levels)
+                if want is None:
+                    assert got[0] == got[1]
+                else:
+                    assert got == want, (trial, pattern, got, want)
+
+
 def test_only_large_indexes_release_their_pages(tmp_path, monkeypatch):
     index = build(tmp_path, [[1, 2, 3, 4], [2, 3, 5]])
     released = []

@@ -341,10 +341,14 @@ def _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_o
 
 
 @njit()
-def _sa_range(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+def _lower_bound(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+    """``(first, upper, found)``: the first row not below ``pattern[:m]``, the lowest row seen
+    strictly above it (it bounds the upper search), and whether any row starts with it (a
+    row compared equal: the rows that match are contiguous, so ``first`` is one of them)."""
     lo, hi, h = 0, n, 1
-    upper = n  # the lowest row seen strictly above the pattern bounds the second search
-    while lo < hi:  # first row not below the pattern
+    upper = n
+    found = False
+    while lo < hi:
         mid = (lo + hi) // 2
         order = _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
         if order < 0:
@@ -355,15 +359,41 @@ def _sa_range(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, ss, 
             h = 2 * h
             if order > 0:
                 upper = mid
-    first = lo
-    hi = upper
-    while lo < hi:  # first row above it
+            else:
+                found = True
+    return lo, upper, found
+
+
+@njit()
+def _upper_bound(tok, tw, sa, sw, n, pattern, m, first, upper, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+    """The first row above ``pattern[:m]``, given ``_lower_bound``'s ``first`` and ``upper``:
+    the same walk down the heap from the root, so that its first levels are served from the
+    top levels too; rows outside ``[first, upper)`` are known without a comparison (below:
+    to the right, above: to the left)."""
+    lo, hi, h = 0, n, 1
+    while lo < hi:
         mid = (lo + hi) // 2
-        if _compare(tok, tw, n, _row(sa, sw, mid, ss, shift, pend, stamp), pattern, m, ts, shift, pend, stamp) <= 0:
+        if mid < first:
+            order = -1
+        elif mid >= upper:
+            order = 1
+        else:
+            order = _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+        if order <= 0:
             lo = mid + 1
+            h = 2 * h + 1
         else:
             hi = mid
-    return first, lo
+            h = 2 * h
+    return lo
+
+
+@njit()
+def _sa_range(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+    first, upper, found = _lower_bound(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+    if not found:
+        return first, first
+    return first, _upper_bound(tok, tw, sa, sw, n, pattern, m, first, upper, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
 
 
 _NO_TOP = TopLevels.empty(0, 1)
@@ -382,45 +412,32 @@ def sa_range(tok, tw, sa, sw, n, pattern, m, top: TopLevels = _NO_TOP, checks: B
 
 
 @njit()
-def _longest_suffix(tok, tw, sa, sw, n, context, max_m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
-    c = context.shape[0]
-    limit = 0
-    while limit < min(max_m, c) and context[c - 1 - limit] >= 0:
-        limit += 1
-    lo_m, hi_m = 0, limit
-    best_lo, best_hi = 0, 0
-    while lo_m < hi_m:  # occurrence is monotone in m: binary search the longest
-        mid = (lo_m + hi_m + 1) // 2
-        a, b = _sa_range(tok, tw, sa, sw, n, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
-        if b > a:
-            lo_m, best_lo, best_hi = mid, a, b
-        else:
-            hi_m = mid - 1
-    return lo_m, best_lo, best_hi
-
-
-@njit()
 def _longest_from(tok, tw, sa, sw, n, context, max_m, floor, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
-    """``_longest_suffix`` when only matches of at least ``floor >= 1`` tokens count: ``(0, 0, 0)``
-    unless ``context[-floor:]`` occurs (one search), else the same answer."""
+    """``(m, lo, hi)``: the longest ``m <= max_m`` such that ``context[-m:]`` occurs, with its
+    row range, among matches of at least ``floor >= 1`` tokens (``(0, 0, 0)``: none). Lengths
+    are binary searched on the lower bound alone (whether a length occurs); only the
+    longest pays for its upper bound, so a query faults in half the pages."""
     c = context.shape[0]
     limit = 0
     while limit < min(max_m, c) and context[c - 1 - limit] >= 0:
         limit += 1
     if floor > limit:
         return 0, 0, 0
-    best_lo, best_hi = _sa_range(tok, tw, sa, sw, n, context[c - floor :], floor, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
-    if best_hi <= best_lo:
+    first, upper, found = _lower_bound(tok, tw, sa, sw, n, context[c - floor :], floor, top_tok, top_len, top_ok, ts, ss,
+                                       shift, pend, stamp)
+    if not found:
         return 0, 0, 0
     lo_m, hi_m = floor, limit
     while lo_m < hi_m:  # occurrence is monotone in m: binary search the longest
         mid = (lo_m + hi_m + 1) // 2
-        a, b = _sa_range(tok, tw, sa, sw, n, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
-        if b > a:
-            lo_m, best_lo, best_hi = mid, a, b
+        f, u, ok = _lower_bound(tok, tw, sa, sw, n, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+        if ok:
+            lo_m, first, upper = mid, f, u
         else:
             hi_m = mid - 1
-    return lo_m, best_lo, best_hi
+    last = _upper_bound(tok, tw, sa, sw, n, context[c - lo_m :], lo_m, first, upper, top_tok, top_len, top_ok, ts, ss, shift,
+                        pend, stamp)
+    return lo_m, first, last
 
 
 def longest_suffix(tok, tw, sa, sw, n, context, max_m, top: TopLevels = _NO_TOP, checks: BlockChecks | None = None) -> tuple[int, int, int]:
@@ -430,8 +447,8 @@ def longest_suffix(tok, tw, sa, sw, n, context, max_m, top: TopLevels = _NO_TOP,
     ``(0, 0, 0)`` when not even the last token occurs.
     """
     c = checks or BlockChecks.none()
-    return _longest_suffix(tok, tw, sa, sw, n, np.asarray(context, np.int64), max_m, top.tokens, top.length, top.filled,
-                           c.tokens, c.sa, c.shift, c.pend, c.stamp)
+    return _longest_from(tok, tw, sa, sw, n, np.asarray(context, np.int64), max_m, 1, top.tokens, top.length, top.filled,
+                         c.tokens, c.sa, c.shift, c.pend, c.stamp)
 
 
 @njit()
