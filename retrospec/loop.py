@@ -287,7 +287,7 @@ class Decoder:
             return
         if self.verifier.rows_only(live):  # dynamic: drop the finished rows from the cache
             self.rows = [self.rows[i] for i in live]
-        elif batch_bucket(len(live)) < self.verifier.batch:  # static: move to a smaller bucket
+        elif batch_bucket(len(live), self.verifier.least_batch) < self.verifier.batch:  # static: move to a smaller bucket
             self._migrate(live)
 
     def _migrate(self, live: list[int]) -> None:

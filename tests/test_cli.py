@@ -70,6 +70,23 @@ def test_bench_static_verifier_with_fixed_slots(tiny_model_dir, prompts, tmp_pat
     assert row["identical"] == row["n"] == 3
 
 
+def test_bench_by_batch_size_times_unprofiled_and_reports_host_and_device(tiny_model_dir, prompts, tmp_path):
+    out = tmp_path / "batch"
+    argv = ["bench", "--model", tiny_model_dir, "--data", str(prompts), "--per-category", "2", "--max-new-tokens", "10",
+            "--methods", "greedy,retrospec,cb-retrospec", "--batch-size", "2,1", "--profile", "--out", str(out)]
+    assert main(argv) == 0
+    doc = json.loads((out / "batch.json").read_text())
+    assert list(doc["batch_sizes"]) == ["2", "1"]
+    for batch, cells in doc["batch_sizes"].items():
+        assert cells["greedy"]["tok_s"] > 0 and "host_ms" not in cells["greedy"]
+        for name in ("retrospec", "cb-retrospec"):
+            row = cells[name]
+            assert row["identical"] == row["n"] == 4, (batch, name, row)  # fp32: every row equals plain greedy's
+            assert row["mat"] >= 1.0 and row["host_ms"] > 0 and row["device_ms"] > 0
+    assert "| 2 | retrospec |" in (out / "batch.md").read_text()
+    assert (out / "batch.png").stat().st_size > 1000
+
+
 def test_bench_writes_results_report_and_plot(tiny_model_dir, prompts, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["bench", "--model", tiny_model_dir, "--data", str(prompts), "--per-category", "2", "--max-new-tokens", "10",

@@ -39,6 +39,10 @@ from retrospec.verify.cache import RowCache
 log = logging.getLogger(__name__)
 
 VERIFY_MODES = ("auto", "dynamic", "static", "graph", "compile")
+COMPILED_ROWS, COMPILED_SLOTS = 2, 2
+"""The fewest rows and slots of a compiled step: dynamo specialises sizes 0 and 1, so a
+batch of one or a plain (1-slot) step would each be a compile of its own (minutes on a
+GPU) instead of sharing the one dynamic compile. The extra row or slot is padding."""
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SLOT_OPTIONS = ((2, (None,)), (8, (32,)), (32, (0, 16)), (1 << 30, (0, 8)))
 """Tree sizes a static verifier captures by batch size: ``(most rows, sizes)``, ``None`` =
@@ -167,14 +171,14 @@ def cache_bucket(length: int) -> int:
     return 1 << max(int(length - 1).bit_length(), 10)
 
 
-def batch_bucket(rows: int) -> int:
-    """The static batch size serving ``rows`` live rows.
+def batch_bucket(rows: int, least: int = 1) -> int:
+    """The static batch size serving ``rows`` live rows, at least ``least``.
 
-    >>> batch_bucket(1), batch_bucket(3), batch_bucket(64)
-    (1, 4, 64)
+    >>> batch_bucket(1), batch_bucket(3), batch_bucket(64), batch_bucket(1, least=2)
+    (1, 4, 64, 2)
     """
     for size in BATCH_BUCKETS:
-        if rows <= size:
+        if max(rows, least) <= size:
             return size
     raise ValueError(f"at most {BATCH_BUCKETS[-1]} rows per batch, got {rows}")
 
@@ -248,6 +252,8 @@ class _Base:
 
     flat = False
     node_options: tuple[int, ...] | None = None
+    least_batch = 1
+    """The smallest batch bucket it is built for (see :data:`COMPILED_LEAST`)."""
 
     def __init__(self, model, windows: dict[str, int | None], batch: int, capacity: int):
         self.model, self.windows = model, windows
@@ -356,16 +362,26 @@ _compiled_lock = threading.Lock()
 
 def compiled_step():
     """:func:`verify_step` compiled once per process with dynamic shapes: every batch
-    bucket, slot count and cache capacity shares the compiled code (dynamo specialises
-    only sizes 0 and 1, so a handful of compiles serve every shape instead of one compile
-    of ~1-3 minutes per shape); each shape is then captured as its own CUDA graph."""
+    bucket (of at least :data:`COMPILED_ROWS`), slot count (at least
+    :data:`COMPILED_SLOTS`) and cache capacity shares the compiled code instead of one
+    compile of ~1-3 minutes per shape; each shape is then captured as its own CUDA graph."""
     with _compiled_lock:
         if not _compiled:
             import torch._dynamo  # its public config
+            import torch.fx.experimental._config  # use_duck_shape, as dynamo names it
 
             # several models or cache layouts in one process are each a recompile
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            _compiled.append(torch.compile(verify_step, dynamic=True))
+            compiled = torch.compile(verify_step, dynamic=True)
+
+            def step(*args):
+                # no duck sizing: it gives sizes that happen to be equal one symbol (a step's
+                # slots and the move tables' width, say), and each coincidence that changes
+                # is a recompile; only our step's traces see this setting
+                with torch.fx.experimental._config.patch(use_duck_shape=False):
+                    return compiled(*args)
+
+            _compiled.append(step)
         return _compiled[0]
 
 
@@ -446,15 +462,19 @@ class StaticVerifier(_Base):
         self.graph, self.compile, self.topk = graph, compile, topk
         self.node_options = tuple(sorted({int(n) for n in node_options}))
         self.pin = self.device.type == "cuda"
-        smax = self.node_options[-1] + 1
+        least = COMPILED_SLOTS if compile else 1
+        if compile and batch < COMPILED_ROWS:
+            raise ValueError(f"a compiled verifier takes at least {COMPILED_ROWS} rows, got {batch}")
+        self.least_batch = COMPILED_ROWS if compile else 1
+        self.smax = smax = max(self.node_options[-1] + 1, least)
         self.past = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.arange = torch.arange(smax, device=self.device)
         self.move_src = torch.full((batch, smax), capacity - 1, dtype=torch.long, device=self.device)
         self.move_dst = self.move_src.clone()
-        self.steps = {n: _Graph(self, n + 1) for n in self.node_options}
+        self.steps = {n: _Graph(self, max(n + 1, least)) for n in self.node_options}
 
     def _move_width(self, width: int) -> int:
-        return self.node_options[-1] + 1
+        return self.smax
 
     def warm(self) -> None:
         """Build every step now (capture its graph, compile it) and time each one — the
@@ -576,7 +596,7 @@ def make_verifier(model, config: VerifierConfig, windows: dict[str, int | None],
     mode = config.resolved(model, windows)
     if mode == "dynamic":
         return DynamicVerifier(model, windows, rows, length + cap + 2)
-    batch = batch_bucket(rows)
+    batch = batch_bucket(rows, COMPILED_ROWS if mode == "compile" else 1)
     options = config.node_options(cap, batch)
     capacity = cache_bucket(length + options[-1] + 2)
     if config.capacity is not None:
