@@ -16,7 +16,8 @@ warm-up at that batch size that meets every fixed shape of the run. Methods:
 Reported per batch size and method: tokens/s, the speedup over each plain method, the
 seconds spent in prefill forwards and the decoding tokens/s after them (``generate-batch``
 interleaves its prefills with decoding: 0 s there), MAT
-(tokens per row per step), the mean tree size, how many outputs equal the reference's
+(tokens per row per step), the mean tree size, the batch forwards and the rows live in
+each (a batch runs until its slowest row is done), how many outputs equal the reference's
 (``greedy`` at the same batch size, else ``greedy-static``) and, with ``--profile``,
 median host and device milliseconds per step (from one more run of the first chunk with
 the device synchronised around each forward; the timed runs are not profiled).
@@ -69,6 +70,10 @@ class Cell:
             "decode_tok_s": round((self.tokens - self.n) / (self.seconds - self.prefill), 2) if self.seconds > self.prefill else 0.0,
             "mat": round(self.tokens / self.steps, 3) if self.steps else 1.0,
             "mean_tree": round(self.drafted / self.steps, 2) if self.steps else 0.0,
+            # batch forwards after the prefill and the rows live in each: a batch runs until
+            # its slowest row is done, and on a GPU a forward costs about the same for any rows
+            "forwards": self.forwards,
+            "live_rows": round(self.steps / self.forwards, 2) if self.forwards else 0.0,
             "identical": self.identical,
             "n": self.n,
         }
@@ -337,13 +342,13 @@ def batch_markdown(doc: dict, options, model) -> str:
         "",
         "| batch | method | tok/s | "
         + " | ".join(f"vs {p}" for p in plain)
-        + " | decode tok/s | prefill s | MAT | mean tree | identical | host ms/step | device ms/step |",
-        "|---:|---|---:|" + "---:|" * len(plain) + "---:|---:|---:|---:|---:|---:|---:|",
+        + " | decode tok/s | prefill s | MAT | mean tree | forwards | live rows | identical | host ms/step | device ms/step |",
+        "|---:|---|---:|" + "---:|" * len(plain) + "---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for batch, rows in doc["batch_sizes"].items():
         for method, row in rows.items():
             if row.get("error"):
-                lines.append(f"| {batch} | {method} | n/a ({row['error'][:60]}) |" + " |" * (len(plain) + 7))
+                lines.append(f"| {batch} | {method} | n/a ({row['error'][:60]}) |" + " |" * (len(plain) + 9))
                 continue
             ratios = []
             for p in plain:
@@ -351,7 +356,8 @@ def batch_markdown(doc: dict, options, model) -> str:
                 ratios.append(f"{row['tok_s'] / base:.2f}×" if base else "")
             lines.append(f"| {batch} | {method} | {row['tok_s']:.1f} | " + " | ".join(ratios) +
                          f" | {row.get('decode_tok_s', 0.0):.1f} | {row.get('prefill_s', 0.0):.2f}"
-                         f" | {row['mat']:.2f} | {row['mean_tree']:.1f} | {row['identical']}/{row['n']} | "
+                         f" | {row['mat']:.2f} | {row['mean_tree']:.1f} | {row.get('forwards') or ''} | {row.get('live_rows') or ''}"
+                         f" | {row['identical']}/{row['n']} | "
                          f"{row.get('host_ms', '')} | {row.get('device_ms', '')} |")
     lines.append("")
     return "\n".join(lines)
