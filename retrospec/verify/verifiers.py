@@ -253,7 +253,7 @@ class _Base:
     flat = False
     node_options: tuple[int, ...] | None = None
     least_batch = 1
-    """The smallest batch bucket it is built for (see :data:`COMPILED_LEAST`)."""
+    """The smallest batch bucket it is built for (see :data:`COMPILED_ROWS`)."""
 
     def __init__(self, model, windows: dict[str, int | None], batch: int, capacity: int):
         self.model, self.windows = model, windows
