@@ -423,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="tree nodes per step of the static/graph/compile verifiers when the budget is auto (default 64)",
     )
-    p.add_argument("--profile", action="store_true", help="synchronise after each verification and report per-step host and device time")
+    p.add_argument("--profile", action="store_true",
+                   help="report per-step host and device time, the device synchronised around each verification "
+                        "(with --batch-size, in one more run of the first chunk: the timed runs stay unprofiled)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="plain vs retrospec on bundled prompts, on a real model (the README's first command)")
