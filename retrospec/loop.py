@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from retrospec.drafting.budget import LiveCost, choose_nodes
+from retrospec.drafting.budget import LiveCost, choose_nodes, finish_weights
 from retrospec.drafting.speculator import AUTO, Proposal, Speculator
 from retrospec.sources.base import Verified
 from retrospec.stats import SpecStats
@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 MAX_PLAIN_STREAK = 16
 """After the budget chooses plain decoding, drafting pauses for 1, 2, 4 ... up to this many
 steps before the next look (drafting costs host time a plain step does not)..."""
+EXPLORE_EVERY = 8
+"""While the plain step's own cost is stale, every this many steps that would speculate runs
+plain instead, so that the budget compares trees with a measured plain step, not with the
+prior's shape (a prior that overrates the plain step keeps small trees that do not pay)."""
 PAUSE_SHARE = 0.05
 """...but only where drafting costs more than this share of a plain step: on a CPU it costs
 ~1% of one (0.5 ms against 46 ms on SmolLM2), and a pause only forgoes the steps that pay."""
@@ -131,6 +135,11 @@ class Row:
         """Tokens the row may still commit."""
         return (self.limit - self.cur) if self.limit is not None else 1 << 30
 
+    def steps_left(self) -> float:
+        """Steps the row would take to its limit at the tokens per step it has committed so far."""
+        per_step = self.stats.new_tokens / self.stats.steps if self.stats.steps else 1.0
+        return self.room() / max(per_step, 1.0)
+
     def commit(self, tokens: list[int], settings: DecodeSettings, device) -> int:
         """Append ``tokens``, stopping right after the first one a stopping rule fires on;
         return how many were kept."""
@@ -213,6 +222,7 @@ class Decoder:
         self.cost = cost if cost is not None else self._cost_model(refresh_cost)
         self.rows: list[Row | None] = [None] * self.verifier.batch
         self.plain_streak, self.plain_left = 0, 0
+        self.explore = 0  # steps since the budget last ran a plain step to measure it
         # on an asynchronous device the sources' updates run while it computes the next
         # forward (their drafts lag one step); not when profiling, which times them apart
         self.overlap = self.device.type == "cuda" and not config.profile
@@ -321,7 +331,14 @@ class Decoder:
             scores = [p.best_first[:c] if p is not None else np.zeros(0) for p, c in zip(proposals, caps)]
             allowed = options if options is not None else range(top + 1)  # rows cap their own trees
             batch = self._cost_batch()
-            nodes = choose_nodes(scores, allowed, lambda slots: self.cost(slots, batch))
+            # with requests queued, every token counts (finished rows are refilled); without,
+            # the batch ends with its slowest row: the rows whose remaining tokens, at the
+            # tokens per step they have committed so far, take the most steps count most
+            weights = None if self.queue else finish_weights([row.steps_left() for row in live])
+            nodes = choose_nodes(scores, allowed, lambda slots: self.cost(slots, batch), weights)
+            self.explore = (self.explore + 1) % EXPLORE_EVERY if nodes > 0 else self.explore
+            if nodes > 0 and self.explore == 0 and 0 in allowed and self.cost.stale(1, batch):
+                return 0  # measure a plain step now and then
             if nodes == 0 and draft_seconds > PAUSE_SHARE * self.cost(1, batch):  # plain decoding pays: pause drafting
                 self.plain_streak = min(max(2 * self.plain_streak, 1), MAX_PLAIN_STREAK)
                 self.plain_left = self.plain_streak

@@ -166,3 +166,22 @@ def test_where_drafting_is_cheap_against_a_step_it_never_pauses():
     assert all(f.input_ids.shape[1] == 1 for f in verifier.forwards)  # plain steps only...
     # ...and each looked at (the next draft may pay), but the last: it has room for the bonus token only
     assert Counting.calls == len(verifier.forwards) - 1
+
+
+def test_the_budget_measures_a_plain_step_it_only_knows_from_the_prior():
+    """Trees look free by the prior, so the budget speculates; after EXPLORE_EVERY
+    speculating steps it runs one plain step, whose cell is stale, and from then on decides
+    on measured costs (here the drafts rarely pay, so it stays plain); the output is unchanged."""
+    from retrospec.loop import EXPLORE_EVERY
+
+    flat = LiveCost({1: StepCost(sizes=(1, 3), seconds=(1.0, 1.0))})
+    source = FixedTreeSource(DraftTree.from_paths([[4, 5]], [[0.9, 0.8]]))
+    results, _stats, verifier = run(
+        [Request(np.array([2, 3]))], retrospec.Speculator([source], budget="auto"), max_new_tokens=40, cost=flat
+    )
+    assert results[0].tokens == [(4 + i) % 10 for i in range(40)]
+    widths = [f.input_ids.shape[1] for f in verifier.forwards]
+    plain = [i for i, w in enumerate(widths) if w == 1]
+    assert plain and plain[0] == EXPLORE_EVERY - 1, widths  # the first look, after 8 speculating steps
+    assert all(w == 3 for w in widths[: EXPLORE_EVERY - 1]), widths
+    assert not flat.stale(1, 1)

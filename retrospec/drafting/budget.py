@@ -136,6 +136,13 @@ class LiveCost:
             out[x == s] = sec
         return out
 
+    def stale(self, slots: int, batch: int) -> bool:
+        """Whether the ``(batch, slots)`` cell has no observation within the last ``fresh``
+        steps of that batch size (its cost is then the prior's shape, scaled)."""
+        with self._lock:
+            cell = self._cells.get((batch, int(slots)))
+            return cell is None or self._steps.get(batch, 0) - cell[1] > self.fresh
+
     def observe(self, slots: int, batch: int, seconds: float) -> None:
         """Record the measured wall time of one step (host work included)."""
         if not (np.isfinite(seconds) and seconds > 0):
@@ -152,25 +159,47 @@ class LiveCost:
             self._ratio[batch] = r if old_r is None else old_r + self.alpha * (r - old_r)
 
 
-def expected_tokens(row_scores: Sequence[np.ndarray], nodes: int | np.ndarray) -> float | np.ndarray:
+def expected_tokens(row_scores: Sequence[np.ndarray], nodes: int | np.ndarray,
+                    weights: Sequence[float] | None = None) -> float | np.ndarray:
     """Tokens the rows commit on average when each verifies its ``nodes`` best nodes
-    (``row_scores``: each row's path scores, best first); ``nodes`` may be an array of sizes.
+    (``row_scores``: each row's path scores, best first); ``nodes`` may be an array of sizes;
+    ``weights``: what a token of each row is worth (default 1).
 
     >>> round(expected_tokens([np.array([0.9, 0.5]), np.array([0.2])], 2), 6)   # (1 + 1.4) + (1 + 0.2)
     3.6
     """
     n = np.asarray(nodes, np.int64)
-    tokens = np.full(n.shape, float(len(row_scores)))
-    for scores in row_scores:  # 1 + (the row's n best scores), every n at once
+    tokens = np.zeros(n.shape)
+    for r, scores in enumerate(row_scores):  # 1 + (the row's n best scores), every n at once
         sums = np.concatenate([[0.0], np.cumsum(scores, dtype=np.float64)])
-        tokens = tokens + sums[np.minimum(n, scores.shape[0])]
+        tokens = tokens + (1.0 if weights is None else float(weights[r])) * (1.0 + sums[np.minimum(n, scores.shape[0])])
     return float(tokens) if tokens.ndim == 0 else tokens
 
 
-def choose_nodes(row_scores: Sequence[np.ndarray], options: Sequence[int], cost: Callable[[np.ndarray], np.ndarray]) -> int:
+LAGGARD_POWER = 4.0
+"""How steeply :func:`finish_weights` discounts rows that are ahead of the slowest one."""
+
+
+def finish_weights(remaining: Sequence[float]) -> np.ndarray:
+    """What a token of each row is worth when the batch cannot take new requests: the batch
+    ends with its slowest row, so a token of a row that is far ahead shortens nothing (on a
+    GPU a forward costs about the same for 3 live rows as for 64). ``remaining``: the steps
+    (or tokens) each row still needs; weights ``(remaining / max) ** LAGGARD_POWER``.
+
+    >>> finish_weights([100, 100, 50]).tolist()
+    [1.0, 1.0, 0.0625]
+    """
+    rest = np.asarray(remaining, np.float64)
+    top = rest.max(initial=0.0)
+    return (rest / top) ** LAGGARD_POWER if top > 0 else np.ones(rest.shape)
+
+
+def choose_nodes(row_scores: Sequence[np.ndarray], options: Sequence[int], cost: Callable[[np.ndarray], np.ndarray],
+                 weights: Sequence[float] | None = None) -> int:
     """The tree size (nodes per row, one of ``options``) that maximises the batch's expected
-    committed tokens per second; ``cost(slots)`` gives the step's seconds for an array of
-    slot counts (root + nodes per row), all options in one call. Ties go to the smaller tree.
+    committed tokens per second (each row's tokens times its ``weights``, default 1);
+    ``cost(slots)`` gives the step's seconds for an array of slot counts (root + nodes per
+    row), all options in one call. Ties go to the smaller tree.
 
     >>> flat = lambda slots: np.where(slots <= 2, 1.0, 2.0)   # the 2nd node is free, the 3rd not
     >>> choose_nodes([np.array([0.9, 0.5])], range(3), flat)
@@ -179,7 +208,7 @@ def choose_nodes(row_scores: Sequence[np.ndarray], options: Sequence[int], cost:
     nodes = np.unique(np.asarray(list(options), np.int64))
     if nodes.shape[0] == 0:
         return 0
-    rate = expected_tokens(row_scores, nodes) / np.broadcast_to(np.asarray(cost(nodes + 1), np.float64), nodes.shape)
+    rate = expected_tokens(row_scores, nodes, weights) / np.broadcast_to(np.asarray(cost(nodes + 1), np.float64), nodes.shape)
     return int(nodes[np.argmax(rate >= rate.max() / (1.0 + 1e-9))])
 
 
