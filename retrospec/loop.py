@@ -222,7 +222,7 @@ class Decoder:
         self.cost = cost if cost is not None else self._cost_model(refresh_cost)
         self.rows: list[Row | None] = [None] * self.verifier.batch
         self.plain_streak, self.plain_left = 0, 0
-        self.explore = 0  # steps since the budget last ran a plain step to measure it
+        self.explore = 0  # speculating steps, modulo EXPLORE_EVERY (0: look at the plain step's cost)
         # on an asynchronous device the sources' updates run while it computes the next
         # forward (their drafts lag one step); not when profiling, which times them apart
         self.overlap = self.device.type == "cuda" and not config.profile

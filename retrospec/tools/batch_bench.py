@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -181,13 +181,15 @@ class Spec(BatchMethod):
         super().__init__(*args)
         self.speculator, self.verifier, self.whole = speculator, verifier, whole
 
-    def generate(self, prompts, batch):
+    def generate(self, prompts, batch, verifier=None):
+        """``verifier``: this call's ``VerifierConfig`` (default: the method's own)."""
+        verifier = verifier or self.verifier
         if self.whole:
-            outs, stats = retrospec.generate_many(self.model, prompts, speculator=self.speculator, batch_size=batch, verifier=self.verifier,
+            outs, stats = retrospec.generate_many(self.model, prompts, speculator=self.speculator, batch_size=batch, verifier=verifier,
                                                   progress=False, do_sample=False, max_new_tokens=self.max_new, pad_token_id=self.pad)
             return outs, stats
         ids, mask = _pad(prompts, self.pad, self.model.device)
-        out = retrospec.generate(self.model, ids, attention_mask=mask, speculator=self.speculator, verifier=self.verifier,
+        out = retrospec.generate(self.model, ids, attention_mask=mask, speculator=self.speculator, verifier=verifier,
                                  do_sample=False, max_new_tokens=self.max_new, pad_token_id=self.pad)
         width = ids.shape[1]
         return [out.sequences[b, width : width + out.lengths[b]].tolist() for b in range(len(prompts))], out.stats
@@ -228,8 +230,6 @@ def run_batch_bench(options, model, tokenizer) -> dict:
     prompts = [render(tokenizer, [{"role": "user", "content": r.turns[0]}], raw=r.raw)[0].tolist() for r in records]
     methods = [build(name, model, tokenizer, options) for name in options.methods]
     # one cache length for the whole run: one compiled step per shape, not one per prompt length
-    from dataclasses import replace
-
     from retrospec.verify.verifiers import cache_bucket
 
     capacity = cache_bucket(max(len(p) for p in prompts) + options.max_new_tokens + options.slots + 2)
@@ -304,14 +304,7 @@ def _timed(method: BatchMethod, prompts, batch: int, cell: Cell, outputs: list) 
 def _profiled(method: Spec, prompts, batch: int, cell: Cell) -> None:
     """Per-step host and device milliseconds of one profiled run (the device synchronised
     around each forward, the sources' updates not overlapped with it) into ``cell``."""
-    from dataclasses import replace
-
-    timed = method.verifier
-    method.verifier = replace(timed, profile=True)
-    try:
-        _, stats = method.generate(prompts, batch)
-    finally:
-        method.verifier = timed
+    _, stats = method.generate(prompts, batch, verifier=replace(method.verifier, profile=True))
     cell.host_ms += [1e3 * (t - d) for t, d in zip(stats.step_seconds, stats.step_device_seconds)]
     cell.device_ms += [1e3 * d for d in stats.step_device_seconds]
 
