@@ -61,3 +61,38 @@ def test_config_validation_names_the_value():
         ContextConfig(min_ngram=0)
     with pytest.raises(ValueError, match="match_weight"):
         ContextConfig(match_weight=0.5)
+
+
+def _reference_occurrences(seq, tail, min_n, max_matches, exclude_end=-1):
+    """What NgramIndex.occurrences promises, by brute force over the sequence."""
+    tail = list(tail)
+    found = {}
+    for n in range(len(tail), min_n - 1, -1):
+        key = tail[len(tail) - n :]
+        for end in range(len(seq) - 1, n - 2, -1):
+            if seq[end - n + 1 : end + 1] == key and end != exclude_end and end not in found:
+                found[end] = n
+                if len(found) >= max_matches:
+                    return list(found.items())
+    return list(found.items())
+
+
+@pytest.mark.parametrize("vocab", [3, 50])
+def test_ngram_index_finds_what_a_brute_force_scan_finds(vocab):
+    # grown in uneven pieces past several table rehashes and array growths; PAD (-1) is a
+    # token like any other (the document source separates documents with it)
+    from retrospec.sources.context import NgramIndex
+
+    rng = np.random.default_rng(vocab)
+    index, seq = NgramIndex(max_n=4, capacity=4), []
+    while len(seq) < 1500:
+        piece = rng.integers(-1, vocab, size=int(rng.integers(1, 40))).tolist()
+        index.extend(piece)
+        seq += piece
+        assert len(index) == len(seq) and index.tokens().tolist() == seq
+        for _ in range(3):
+            cut = int(rng.integers(1, len(seq) + 1))
+            tail = seq[max(cut - 4, 0) : cut]
+            for min_n, most in ((1, 32), (2, 5), (1, 1)):
+                assert index.occurrences(tail, min_n, most, exclude_end=cut - 1) == _reference_occurrences(seq, tail, min_n, most, cut - 1)
+    assert index.continuation(10, 5) == seq[11:16] and index.continuation(len(seq) - 2, 5) == seq[-1:]
