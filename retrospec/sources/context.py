@@ -88,7 +88,7 @@ def _mix(h, token):
 @njit()
 def _same(arr, end, other, other_end, n):
     """Whether the ``n`` tokens ending at ``arr[end]`` equal those ending at ``other[other_end]``."""
-    for k in range(n):
+    for k in range(n):  # noqa: SIM110 (a loop numba compiles; all() of a generator it does not)
         if arr[end - k] != other[other_end - k]:
             return False
     return True
