@@ -83,7 +83,9 @@ def test_bench_by_batch_size_times_unprofiled_and_reports_host_and_device(tiny_m
             row = cells[name]
             assert row["identical"] == row["n"] == 4, (batch, name, row)  # fp32: every row equals plain greedy's
             assert row["mat"] >= 1.0 and row["host_ms"] > 0 and row["device_ms"] > 0
-    assert "| 2 | retrospec |" in (out / "batch.md").read_text()
+            assert row["host_ms_mean"] > 0 and row["device_ms_mean"] > 0
+    report = (out / "batch.md").read_text()
+    assert "| 2 | retrospec |" in report and f"| {cells['retrospec']['host_ms']} / {cells['retrospec']['host_ms_mean']} |" in report
     assert (out / "batch.png").stat().st_size > 1000
 
 

@@ -395,10 +395,10 @@ class SpecSession:
 
     def attribution(self, accepted_slots: np.ndarray) -> tuple[dict[str, int], int]:
         """Accepted draft tokens per source name, and how many several sources proposed."""
+        names = self.speculator.source_names
         nodes = accepted_slots[accepted_slots > 0] - 1
-        masks = self._last_sources[nodes] if nodes.size else np.zeros(0, np.uint32)
-        counts = {
-            name: int(((masks >> np.uint32(k)) & np.uint32(1)).sum()) for k, name in enumerate(self.speculator.source_names)
-        }
-        several = int(sum(bin(int(m)).count("1") > 1 for m in masks))
-        return counts, several
+        if nodes.size == 0:  # a plain step, or no draft token accepted
+            return dict.fromkeys(names, 0), 0
+        bits = (self._last_sources[nodes][:, None] >> np.arange(len(names), dtype=np.uint32)) & np.uint32(1)
+        per_source = bits.sum(axis=0).tolist()
+        return dict(zip(names, per_source)), int((bits.sum(axis=1) > 1).sum())

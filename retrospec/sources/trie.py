@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from retrospec.jit import njit
-from retrospec.tree import DraftTree, path_products, prune
+from retrospec.tree import DraftTree, _monotone, path_products, prune
 
 PAD = -1
 """Fills the rows of continuations shorter than the matrix."""
@@ -97,12 +97,27 @@ def continuation_trie(
         return DraftTree.empty()
     weights = np.ones(rows.shape[0]) if weights is None else np.asarray(weights, np.float64)
     order = np.lexsort(rows.T[::-1])
-    tokens, parents, mass = _weighted_trie(np.ascontiguousarray(rows[order]), weights[order])
+    tokens, parents, scores = _scored_trie(np.ascontiguousarray(rows[order]), weights[order], float(root_conf), float(decay),
+                                           float(smoothing))
     if tokens.shape[0] == 0:
         return DraftTree.empty()
-    child_mass = np.bincount(parents + 1, weights=mass, minlength=tokens.shape[0] + 1)  # [0] = the root's
-    conditional = mass / (child_mass[parents + 1] + smoothing)
-    conditional *= np.where(parents < 0, root_conf, decay)
-    scores = path_products(parents, conditional.astype(np.float32))
-    tree = DraftTree(tokens, parents.astype(np.int32), scores, np.ones(tokens.shape[0], np.uint32)).with_monotone_scores()
+    tree = DraftTree(tokens, parents, scores, np.ones(tokens.shape[0], np.uint32))
     return tree if max_nodes is None else prune(tree, max_nodes)
+
+
+@njit()
+def _scored_trie(rows, weights, root_conf, decay, smoothing):
+    """:func:`_weighted_trie`, then each node's conditional score (its mass over its
+    siblings' and its own, times ``root_conf`` or ``decay``) and monotone path scores, in
+    one compiled call: every retrieval source runs this for every row each step."""
+    tokens, parents, mass = _weighted_trie(rows, weights)
+    n = tokens.shape[0]
+    child_mass = np.zeros(n + 1, np.float64)  # [0]: the root's children
+    for i in range(n):
+        child_mass[parents[i] + 1] += mass[i]
+    conditional = np.empty(n, np.float32)
+    for i in range(n):
+        c = mass[i] / (child_mass[parents[i] + 1] + smoothing)
+        conditional[i] = c * (root_conf if parents[i] < 0 else decay)
+    parents32 = parents.astype(np.int32)
+    return tokens, parents32, _monotone(parents32, path_products(parents32, conditional))

@@ -19,7 +19,7 @@ interleaves its prefills with decoding: 0 s there), MAT
 (tokens per row per step), the mean tree size, the batch forwards and the rows live in
 each (a batch runs until its slowest row is done), how many outputs equal the reference's
 (``greedy`` at the same batch size, else ``greedy-static``) and, with ``--profile``,
-median host and device milliseconds per step (from one more run of the first chunk with
+median and mean host and device milliseconds per step (from one more run of the first chunk with
 the device synchronised around each forward; the timed runs are not profiled).
 """
 
@@ -78,8 +78,12 @@ class Cell:
             "n": self.n,
         }
         if self.host_ms:
+            # the median step is one of the tail's, with few rows live; the mean weighs the
+            # full batch's steps as much as they cost
             out["host_ms"] = round(float(np.median(self.host_ms)), 3)
             out["device_ms"] = round(float(np.median(self.device_ms)), 3)
+            out["host_ms_mean"] = round(float(np.mean(self.host_ms)), 3)
+            out["device_ms_mean"] = round(float(np.mean(self.device_ms)), 3)
         if self.error:
             out["error"] = self.error
         return out
@@ -335,7 +339,8 @@ def batch_markdown(doc: dict, options, model) -> str:
         "",
         "| batch | method | tok/s | "
         + " | ".join(f"vs {p}" for p in plain)
-        + " | decode tok/s | prefill s | MAT | mean tree | forwards | live rows | identical | host ms/step | device ms/step |",
+        + " | decode tok/s | prefill s | MAT | mean tree | forwards | live rows | identical"
+        + " | host ms/step (median / mean) | device ms/step (median / mean) |",
         "|---:|---|---:|" + "---:|" * len(plain) + "---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for batch, rows in doc["batch_sizes"].items():
@@ -351,9 +356,16 @@ def batch_markdown(doc: dict, options, model) -> str:
                          f" | {row.get('decode_tok_s', 0.0):.1f} | {row.get('prefill_s', 0.0):.2f}"
                          f" | {row['mat']:.2f} | {row['mean_tree']:.1f} | {row.get('forwards') or ''} | {row.get('live_rows') or ''}"
                          f" | {row['identical']}/{row['n']} | "
-                         f"{row.get('host_ms', '')} | {row.get('device_ms', '')} |")
+                         f"{_ms(row, 'host')} | {_ms(row, 'device')} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _ms(row: dict, part: str) -> str:
+    if f"{part}_ms" not in row:
+        return ""
+    mean = row.get(f"{part}_ms_mean")
+    return f"{row[f'{part}_ms']}" + (f" / {mean}" if mean is not None else "")
 
 
 def plot_batch(doc: dict, path: Path) -> None:
