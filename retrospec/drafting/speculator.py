@@ -203,6 +203,10 @@ def _numeric_fault(tokens, parents, scores, vocab):
     return 0, 0
 
 
+_NO_SCORES, _NO_DEPTHS = np.zeros(0, np.float32), np.zeros(0, np.int32)
+_NO_SCORES.flags.writeable = _NO_DEPTHS.flags.writeable = False
+
+
 class Proposal(NamedTuple):
     """The fused, calibrated tree of one step before pruning.
 
@@ -266,6 +270,11 @@ class SpecSession:
         # 2) calibrate each source's scores, 3) fuse
         trees, raws, depths = [], [], []
         for k, tree in enumerate(proposals):
+            if len(tree) == 0:  # a source with nothing to say this step (often: no documents, no history yet)
+                trees.append(tree)
+                raws.append(_NO_SCORES)
+                depths.append(_NO_DEPTHS)
+                continue
             raw, depth, scores = spec.calibrator.calibrated(k, tree, cfg.calibrate)
             trees.append(DraftTree(tree.tokens, tree.parents, scores, np.full(len(tree), 1 << k, np.uint32)))
             raws.append(raw)
