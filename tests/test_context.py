@@ -77,14 +77,14 @@ def _reference_occurrences(seq, tail, min_n, max_matches, exclude_end=-1):
     return list(found.items())
 
 
-@pytest.mark.parametrize("vocab", [3, 50])
-def test_ngram_index_finds_what_a_brute_force_scan_finds(vocab):
+@pytest.mark.parametrize("vocab, capacity", [(3, 4), (50, 5)])
+def test_ngram_index_finds_what_a_brute_force_scan_finds(vocab, capacity):
     # grown in uneven pieces past several table rehashes and array growths; PAD (-1) is a
     # token like any other (the document source separates documents with it)
     from retrospec.sources.context import NgramIndex
 
     rng = np.random.default_rng(vocab)
-    index, seq = NgramIndex(max_n=4, capacity=4), []
+    index, seq = NgramIndex(max_n=4, capacity=capacity), []  # 5: not a power of two
     while len(seq) < 1500:
         piece = rng.integers(-1, vocab, size=int(rng.integers(1, 40))).tolist()
         index.extend(piece)

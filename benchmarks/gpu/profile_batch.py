@@ -74,13 +74,10 @@ def main() -> None:
         method = fresh_speculator(method, model, tok, options)
         sync()
         start = time.perf_counter()
-        totals, phases, forwards, tokens = {}, {}, 0, 0
+        phases, forwards, tokens = {}, 0, 0
         for chunk in chunks:
-            t = time.perf_counter()
             outs, stats = method.generate(chunk, args.batch)
             sync()
-            totals.setdefault("generate", 0.0)
-            totals["generate"] += time.perf_counter() - t
             for k, v in stats.seconds.items():
                 phases[k] = phases.get(k, 0.0) + v
             forwards += stats.forwards

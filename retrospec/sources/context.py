@@ -179,9 +179,7 @@ class NgramIndex:
         self._n = 0
         self._array = np.empty(capacity, np.int64)
         self._prev = np.empty((max_n, capacity), np.int64)
-        self._heads = np.full(4 * capacity, -1, np.int64)  # a power of two, at most half full
-        self._sizes = np.zeros(4 * capacity, np.int64)
-        self._entries = 0
+        self._rehash(2 * capacity)  # the table: a power of two, at most half full
         self._out = (np.empty(1, np.int64), np.empty(1, np.int64))
 
     def __len__(self) -> int:
@@ -209,7 +207,7 @@ class NgramIndex:
 
     def _rehash(self, least: int) -> None:
         size = 1 << max(int(least - 1).bit_length(), 1)
-        self._heads, self._sizes = np.full(2 * size, -1, np.int64), np.zeros(2 * size, np.int64)
+        self._heads, self._sizes = np.full(2 * size, -1, np.int64), np.zeros(2 * size, np.int64)  # n-gram -> latest end, length
         self._entries = _index_ngrams(self._array, 0, self._n, self.max_n, self._heads, self._sizes, self._prev)
 
     def occurrences(self, tail: Sequence[int] | np.ndarray, min_n: int, max_matches: int, exclude_end: int = -1) -> list[tuple[int, int]]:
