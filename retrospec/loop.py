@@ -50,6 +50,10 @@ prior's shape (a prior that overrates the plain step keeps small trees that do n
 PAUSE_SHARE = 0.05
 """...but only where drafting costs more than this share of a plain step: on a CPU it costs
 ~1% of one (0.5 ms against 46 ms on SmolLM2), and a pause only forgoes the steps that pay."""
+DRAFT_SAMPLES = 5
+"""The drafting cost a pause compares is the median of this many latest looks, never one look:
+a kernel's first call (numba loads or compiles it) or a garbage collection makes one look
+cost 10-100x the next, and pausing for it forgoes the steps that would have paid."""
 
 
 class Request(NamedTuple):
@@ -223,6 +227,7 @@ class Decoder:
         self.rows: list[Row | None] = [None] * self.verifier.batch
         self.plain_streak, self.plain_left = 0, 0
         self.explore = 0  # speculating steps, modulo EXPLORE_EVERY (0: look at the plain step's cost)
+        self.draft_costs: deque[float] = deque(maxlen=DRAFT_SAMPLES)  # host seconds of the latest looks
         # on an asynchronous device the sources' updates run while it computes the next
         # forward (their drafts lag one step); not when profiling, which times them apart
         self.overlap = self.device.type == "cuda" and not config.profile
@@ -339,7 +344,8 @@ class Decoder:
             self.explore = (self.explore + 1) % EXPLORE_EVERY if nodes > 0 else self.explore
             if nodes > 0 and self.explore == 0 and 0 in allowed and self.cost.stale(1, batch):
                 return 0  # measure a plain step now and then
-            if nodes == 0 and draft_seconds > PAUSE_SHARE * self.cost(1, batch):  # plain decoding pays: pause drafting
+            self.draft_costs.append(draft_seconds)
+            if nodes == 0 and self._drafting_dear(self.cost(1, batch)):  # plain decoding pays: pause drafting
                 self.plain_streak = min(max(2 * self.plain_streak, 1), MAX_PLAIN_STREAK)
                 self.plain_left = self.plain_streak
             else:
@@ -347,6 +353,12 @@ class Decoder:
         if options is not None and nodes > 0:
             nodes = min((n for n in options if n >= nodes), default=options[-1])
         return nodes
+
+    def _drafting_dear(self, plain_step: float) -> bool:
+        """Whether looking at drafts costs more than ``PAUSE_SHARE`` of a plain step, judged on
+        the median of the latest looks once there are enough of them."""
+        costs = self.draft_costs
+        return len(costs) > DRAFT_SAMPLES // 2 and float(np.median(costs)) > PAUSE_SHARE * plain_step
 
     def step(self) -> None:
         settings, rows = self.settings, self.rows
