@@ -208,11 +208,12 @@ def cmd_probe(args) -> None:
     data = np.load(args.contexts)
     queries = np.split(data["flat"], data["ends"][:-1])
     start = time.perf_counter()
-    index = SuffixIndex.open(args.index, config=SuffixConfig(release_every=args.release_every, release_mapped_mb=args.release_mapped_mb))
+    index = SuffixIndex.open(args.index, config=SuffixConfig(release_every=args.release_every, release_mapped_mb=args.release_mapped_mb,
+                                                             reads=args.reads))
     open_ms = (time.perf_counter() - start) * 1e3
     after_open = rss_mb()
     result = measure(index, queries, 64)
-    result.update({"tokens": index.n_tokens, "shards": len(index.shards), "release_every": args.release_every,
+    result.update({"tokens": index.n_tokens, "shards": len(index.shards), "reads": index.reads, "release_every": args.release_every,
                    "release_mapped_mb": args.release_mapped_mb,
                    "open_ms": round(open_ms, 1), "rss_at_start_mb": round(baseline, 1), "rss_after_open_mb": round(after_open, 1),
                    "torch_imported": "torch" in sys.modules, "numba_imported": "numba" in sys.modules})
@@ -375,23 +376,26 @@ def cmd_cluster(args) -> None:
 
 def query_table(index: Path, tokenizer, n_queries: int, release: list[str], say) -> None:
     """Latency and memory of 64-node draft queries on ``index``, one fresh lean process per
-    setting (``RELEASE_EVERY`` or ``RELEASE_EVERY/RELEASE_MAPPED_MB``), as markdown rows."""
+    setting (``pread``, or ``RELEASE_EVERY`` or ``RELEASE_EVERY/RELEASE_MAPPED_MB`` of mapped
+    reads), as markdown rows."""
     queries = chat_contexts(tokenizer, n_queries)
     say(f"Queries on {index} ({SuffixIndex.open(index).n_tokens / 1e9:g}B tokens, {len(SuffixIndex.open(index).shards)} shards):")
     say()
-    say("| release_every / release_mapped_mb | queries | p50 | p99 | mean | RSS between queries (peak) | VmHWM | RssAnon | "
+    say("| reads: release_every / release_mapped_mb | queries | p50 | p99 | mean | RSS between queries (peak) | VmHWM | RssAnon | "
         "first pass p50 / p99 | nonempty | mean nodes | load avg |")
     say("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "contexts.npz"
         np.savez(path, flat=np.concatenate(queries), ends=np.cumsum([q.shape[0] for q in queries]))
         for setting in release:
-            every, _, mapped = setting.partition("/")
+            reads = "pread" if setting == "pread" else "mapped"
+            every, _, mapped = ("0" if reads == "pread" else setting).partition("/")
             probe = subprocess.run([sys.executable, __file__, "probe", str(index), "--contexts", str(path), "--release-every", every,
-                                    "--release-mapped-mb", mapped or "0"],
+                                    "--release-mapped-mb", mapped or "0", "--reads", reads],
                                    capture_output=True, text=True, check=True, env={**os.environ, "RETROSPEC_JIT": "1"})
             r = json.loads(probe.stdout)
-            say(f"| {every} / {mapped or 0} MB | {r['queries']} | {r['p50_us'] / 1e3:.2f} ms | {r['p99_us'] / 1e3:.2f} ms | "
+            label = "pread" if reads == "pread" else f"mapped: {every} / {mapped or 0} MB"
+            say(f"| {label} | {r['queries']} | {r['p50_us'] / 1e3:.2f} ms | {r['p99_us'] / 1e3:.2f} ms | "
                 f"{r['mean_us'] / 1e3:.2f} ms | {r['peak_rss_mb']:.0f} MB | {r['hwm_mb']:.0f} MB | {r['rss_anon_mb']:.0f} MB | "
                 f"{r['first_pass_p50_us'] / 1e3:.2f} / {r['first_pass_p99_us'] / 1e3:.2f} ms | {r['nonempty']:.2f} | "
                 f"{r['mean_nodes']:.1f} | {load_average()} |")
@@ -442,8 +446,9 @@ def main() -> None:
                    help="the real corpus through the tokenizer, and the synthetic index (always built: queries need it)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--release", nargs="+", default=["64", "64/64", "4", "1"],
-                   help="query settings to probe: RELEASE_EVERY or RELEASE_EVERY/RELEASE_MAPPED_MB (default: %(default)s)")
+    p.add_argument("--release", nargs="+", default=["pread", "64", "64/64", "1"],
+                   help="query settings to probe: pread, or mapped reads releasing pages every RELEASE_EVERY queries or "
+                        "RELEASE_EVERY/RELEASE_MAPPED_MB (default: %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic index")
     p.add_argument("--report", help="also write the tables to this markdown file")
     p.set_defaults(func=cmd_cluster)
@@ -451,13 +456,14 @@ def main() -> None:
     p.add_argument("index")
     p.add_argument("--tokenizer", default="smollm2-135m")
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--release", nargs="+", default=["64", "64/64", "4", "1"])
+    p.add_argument("--release", nargs="+", default=["pread", "64", "64/64", "1"], help="as for `cluster`")
     p.set_defaults(func=cmd_queries)
     p = sub.add_parser("probe")  # internal: run by `memory` in a fresh process
     p.add_argument("index")
     p.add_argument("--contexts", required=True)
     p.add_argument("--release-every", type=int, default=64)
     p.add_argument("--release-mapped-mb", type=int, default=0)
+    p.add_argument("--reads", choices=["auto", "mapped", "pread"], default="mapped")
     p.set_defaults(func=cmd_probe)
     args = parser.parse_args()
     args.func(args)

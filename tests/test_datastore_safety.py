@@ -272,24 +272,41 @@ def _flip(path: Path, offset: int, bit: int = 0x04) -> None:
     path.write_bytes(bytes(raw))
 
 
-def test_a_flipped_byte_is_found_by_the_first_query_that_reads_its_block(tmp_path):
+@pytest.mark.parametrize("reads", ["mapped", "pread"])
+def test_a_flipped_byte_is_found_by_the_first_query_that_reads_its_block(tmp_path, reads):
     idx = _big(tmp_path)
-    index = SuffixIndex.open(idx)
+    config = SuffixConfig(reads=reads)
+    index = SuffixIndex.open(idx, config=config)
     shard = index.shards[0]
     row_byte = (shard.n // 2 * shard.sa_bits) // 8  # every binary search reads the middle row first
     assert 1 << 16 < row_byte < shard.sa.shape[0] - (1 << 16)
     context = shard.vocab[shard.token_ids(100, 104)].astype(np.int64)
     good = index.query(context)
     _flip(idx / "shard-00000" / "sa.bin", row_byte)
-    index = SuffixIndex.open(idx)  # sizes and edges are fine: open cannot see it
+    index = SuffixIndex.open(idx, config=config)  # sizes and edges are fine: open cannot see it
     with pytest.raises(IndexFormatError, match=r"sa\.bin: block \d+ .* does not match its checksum"):
         index.query(context)
     with pytest.raises(IndexFormatError, match="does not match its checksum"):  # and the shard stays off
         index.query(context)
     _flip(idx / "shard-00000" / "sa.bin", row_byte)  # restored
-    again = SuffixIndex.open(idx)
+    again = SuffixIndex.open(idx, config=config)
     assert again.query(context).tokens.tolist() == good.tokens.tolist()
     assert int((again.shards[0].sa_state == 1).sum()) > 0  # the blocks it read are verified now
+
+
+def test_a_file_cut_short_after_open_is_refused_by_pread_queries(tmp_path):
+    """A mapped file cut short would raise SIGBUS on the next page touched; a pread index
+    sees the short read, refuses the shard and says why."""
+    idx = _big(tmp_path)
+    index = SuffixIndex.open(idx, config=SuffixConfig(reads="pread"))
+    shard = index.shards[0]
+    context = shard.vocab[shard.token_ids(100, 104)].astype(np.int64)
+    assert index.query(context).tokens.size > 0
+    os.truncate(idx / "shard-00000" / "sa.bin", 4096)
+    with pytest.raises(IndexFormatError, match=r"shorter than when the index was opened"):
+        index.query(context[::-1].copy())
+    with pytest.raises(IndexFormatError, match=r"shorter than when"):  # the shard stays off
+        index.query(context)
 
 
 def test_blocks_far_from_a_query_are_not_read_and_cost_nothing(tmp_path):

@@ -306,25 +306,28 @@ def test_a_budget_of_mapped_pages_releases_them_whatever_the_query_count(tmp_pat
 LEAN_QUERY = """
 import json, sys
 import numpy as np
-from retrospec.datastores.suffix_index import SuffixIndex
-index = SuffixIndex.open(sys.argv[1])
+from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex
+index = SuffixIndex.open(sys.argv[1], config=SuffixConfig(reads=sys.argv[3]))
+assert index.reads == sys.argv[3]
 trees = [index.query(np.asarray(c, np.int64), 32) for c in json.loads(sys.argv[2])]
 print(json.dumps({"numba": "numba" in sys.modules, "torch": "torch" in sys.modules,
                   "trees": [[t.tokens.tolist(), t.parents.tolist(), t.scores.tolist()] for t in trees]}))
 """
 
 
-def test_a_lean_process_without_numba_queries_the_same(tmp_path):
+@pytest.mark.parametrize("reads", ["mapped", "pread"])
+def test_a_lean_process_without_numba_queries_the_same(tmp_path, reads):
     """RETROSPEC_JIT=0 runs the kernels as plain Python (no numba: a 500M-token index query
     process peaks at ~70 MB instead of ~210):
-    same trees as the compiled kernels, over two shards and texts > 65,535 ids."""
+    same trees as the compiled kernels, over two shards and texts > 65,535 ids, whichever
+    way the lean process reads the files."""
     rng = np.random.default_rng(1)
     docs = [rng.integers(1, 9, rng.integers(5, 50)).tolist() for _ in range(60)] + [[70000, 70001, 3, 4]]
     build(tmp_path, docs, tokenizer=IdTokenizer(80000), shard_tokens=600)
     index = SuffixIndex.open(tmp_path / "idx")
     assert len(index.shards) >= 2
     contexts = [docs[i][: int(rng.integers(1, len(docs[i]) + 1))] for i in rng.integers(0, len(docs), 40)] + [[70000, 70001]]
-    run = subprocess.run([sys.executable, "-c", LEAN_QUERY, str(tmp_path / "idx"), json.dumps(contexts)],
+    run = subprocess.run([sys.executable, "-c", LEAN_QUERY, str(tmp_path / "idx"), json.dumps(contexts), reads],
                          capture_output=True, text=True, env={**os.environ, "RETROSPEC_JIT": "0"}, check=True)
     lean = json.loads(run.stdout)
     assert lean["numba"] is False and lean["torch"] is False
@@ -333,6 +336,49 @@ def test_a_lean_process_without_numba_queries_the_same(tmp_path):
         assert tokens == tree.tokens.tolist() and parents == tree.parents.tolist()
         assert np.allclose(scores, tree.scores)
     assert any(tokens for tokens, _, _ in lean["trees"])
+
+
+@pytest.mark.parametrize("levels", [16, 0])
+def test_pread_reads_draft_what_mapped_reads_draft_and_map_nothing(tmp_path, monkeypatch, levels):
+    """reads="pread": every probe a pread of the few bytes it needs, or of a window of rows
+    (texts of 3-byte tokens, shards of different sizes, matches at shard ends, short
+    documents; with and without cached levels); same trees as the maps, no page released
+    (nothing to release), and the files closed by close()."""
+    rng = np.random.default_rng(7)
+    docs = [rng.integers(1, 12, rng.integers(2, 60)).tolist() for _ in range(120)] + [[70000, 70001, 3, 4], [5]]
+    build(tmp_path, docs, tokenizer=IdTokenizer(80000), shard_tokens=900)
+    mapped = SuffixIndex.open(tmp_path / "idx", config=SuffixConfig(reads="mapped", max_depth=6))
+    read = SuffixIndex.open(tmp_path / "idx", config=SuffixConfig(reads="pread", max_depth=6, release_every=1, release_above_mb=0,
+                                                                  cached_levels=levels))
+    assert len(read.shards) >= 3 and mapped.reads == "mapped" and read.reads == "pread"
+    assert all(min(s.fds) >= 0 for s in read.shards) and all(s.fds == (-1, -1) for s in mapped.shards)
+    monkeypatch.setattr(read, "release_pages", lambda: pytest.fail("a pread index has no pages to release"))
+    contexts = [docs[i][: int(rng.integers(1, len(docs[i]) + 1))] for i in rng.integers(0, len(docs), 300)]
+    contexts += [[70000, 70001], [4], [5], [11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11]]
+    nonempty = 0
+    for context in contexts:
+        for nodes in (1, 64):
+            a, b = mapped.query(np.asarray(context), nodes), read.query(np.asarray(context), nodes)
+            assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist(), context
+            assert np.array_equal(a.scores, b.scores)
+            nonempty += a.tokens.size > 0
+    assert nonempty > len(contexts)
+    fds = [fd for s in read.shards for fd in s.fds]
+    monkeypatch.undo()  # closed, it reads its maps, which release pages again
+    read.close()
+    assert read.reads == "mapped" and all(s.fds == (-1, -1) for s in read.shards)
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert read.query(np.asarray(contexts[0])).tokens.tolist() == mapped.query(np.asarray(contexts[0])).tokens.tolist()
+
+
+def test_auto_reads_with_pread_only_where_pages_would_be_released(tmp_path):
+    build(tmp_path, [[1, 2, 3, 4], [2, 3, 5]])
+    assert SuffixIndex.open(tmp_path / "idx").reads == "mapped"  # a few hundred bytes: stays mapped whole
+    assert SuffixIndex.open(tmp_path / "idx", config=SuffixConfig(release_above_mb=0)).reads == "pread"
+    with pytest.raises(ValueError, match="reads must be one of"):
+        SuffixConfig(reads="mmap")
 
 
 @pytest.fixture(scope="module")

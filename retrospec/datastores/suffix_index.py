@@ -2,17 +2,19 @@
 
 REST (He et al., 2023) showed that a datastore of past conversations or code, searched by
 the longest suffix of the current context, drafts well where the prompt alone does not.
-Here the datastore is a token suffix array per shard, memory-mapped from disk, so
-resident memory does not grow with the corpus and opening an index is O(1).
+Here the datastore is a token suffix array per shard, memory-mapped from disk or read
+with ``pread`` (see *reads* below), so resident memory does not grow with the corpus and
+opening an index is O(1).
 
-One query (numba-compiled kernels on the memory-mapped arrays; see :mod:`retrospec.jit` for
+One query (numba-compiled kernels over every shard in one call; see :mod:`retrospec.jit` for
 lean processes that run them without numba):
 
 1. map the last ``max_ngram`` context tokens to the shard's own vocabulary (a corpus rarely
    uses more than 65,535 distinct tokens; tokens and suffix-array entries are bit-packed in
    the fewest bits that hold them, about 5 bytes per token whatever the model's vocabulary);
 2. find the longest suffix ``m`` that occurs, by binary search over ``m`` (occurrence is
-   monotone in ``m``), each test a binary search of the suffix array;
+   monotone in ``m``; the shards after the first gallop up from the longest found so far),
+   each test a binary search of the suffix array;
 3. sample up to ``max_matches`` occurrences evenly across the suffix-array range (so
    frequent continuations are sampled in proportion to their counts), read the tokens
    after each up to a document separator, sort them and merge them into a trie with counts;
@@ -50,6 +52,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from retrospec import jit
 from retrospec.datastores.files import (
     NAME,
     IndexFormatError,
@@ -85,6 +88,9 @@ SHARD_FILES = ("tokens.bin", "sa.bin", "vocab.bin", "tokens.crc", "sa.crc")
 MAX_CONTEXT = 1 << 24
 
 
+READS = ("auto", "mapped", "pread")
+
+
 @dataclass(frozen=True)
 class SuffixConfig:
     """Query settings of :class:`SuffixIndex`."""
@@ -111,6 +117,13 @@ class SuffixConfig:
     cached_levels: int = 16
     """Binary-search levels kept in memory per shard (see ``TopLevels``; 16 levels take
     ``2**16 * max_ngram * 4`` bytes, 3 MB at the defaults; 0: none)."""
+    reads: str = "auto"
+    """How queries read ``tokens.bin`` and ``sa.bin``: ``"mapped"``, from memory maps (fastest
+    while the pages stay mapped; a large index then drops them, see ``release_every``, and
+    faults them in again), ``"pread"``, a ``pread`` call per probe from the page cache
+    (nothing is mapped, so resident memory stays flat with nothing to release; POSIX only),
+    or ``"auto"``: ``"pread"`` for an index larger than ``release_above_mb`` where the OS has
+    it, ``"mapped"`` otherwise."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -121,6 +134,10 @@ class SuffixConfig:
             raise ValueError(f"max_matches and max_depth must be >= 1, got {self.max_matches}, {self.max_depth}")
         if not 0 <= self.cached_levels <= 24:
             raise ValueError(f"cached_levels must be in [0, 24], got {self.cached_levels}")
+        if self.reads not in READS:
+            raise ValueError(f"reads must be one of {READS}, got {self.reads!r}")
+        if self.reads == "pread" and not HAVE_PREAD:
+            raise ValueError("reads='pread' needs os.pread (POSIX); use 'mapped' or 'auto'")
 
 
 # --------------------------------------------------------------------------- bit-packed arrays
@@ -131,24 +148,32 @@ class SuffixConfig:
 PAD = 8
 
 
-def _bits_get_py(data, i, w):
-    """``bits_get`` for interpreted kernels: one 8-byte read instead of a loop over numpy scalars."""
-    w = int(w)  # numpy ints overflow in the shifts below
-    bit = int(i) * w
+def _bits_at_py(data, bit, w):
+    """``bits_at`` for interpreted kernels: one 8-byte read instead of a loop over numpy scalars."""
+    bit, w = int(bit), int(w)  # numpy ints overflow in the shifts below
     byte = bit >> 3
     return (int.from_bytes(data[byte : byte + 8], "little") >> (bit & 7)) & ((1 << w) - 1)
 
 
-@njit(inline="always", py=_bits_get_py)
-def bits_get(data, i, w):
-    """Value ``i`` of a ``w``-bit packed array (``w <= 56``)."""
-    bit = np.int64(i) * w
+def _bits_get_py(data, i, w):
+    return _bits_at_py(data, int(i) * int(w), w)
+
+
+@njit(inline="always", py=_bits_at_py)
+def bits_at(data, bit, w):
+    """The ``w``-bit value (``w <= 56``) that starts at bit ``bit`` of a packed byte array."""
     byte = bit >> 3
     shift = bit & 7
     v = np.int64(0)
     for b in range((shift + w + 7) >> 3):
         v |= np.int64(data[byte + b]) << (8 * b)
     return (v >> shift) & ((np.int64(1) << w) - 1)
+
+
+@njit(inline="always", py=_bits_get_py)
+def bits_get(data, i, w):
+    """Value ``i`` of a ``w``-bit packed array (``w <= 56``)."""
+    return bits_at(data, np.int64(i) * w, w)
 
 
 @njit()
@@ -218,6 +243,71 @@ def block_crcs(data: np.ndarray, block_bytes: int) -> np.ndarray:
                        np.uint32, -(-len(view) // block_bytes))
 
 
+# --------------------------------------------------------------------------- reads
+# A query reads a shard one of two ways (``SuffixConfig.reads``), chosen by ``io`` (see
+# ``IO_FIELDS``): the descriptors of tokens.bin and sa.bin (-1: mapped), a count of short
+# reads (a file that shrank since it was opened; the query then refuses the shard), and the
+# window of suffix-array rows in ``buf``.
+# - mapped: straight from the memory-mapped arrays. Fastest while the pages stay mapped, but
+#   every page a query touches joins the process's resident set, a page-cache folio at a
+#   time (~200 KB per fault on ext4 with large folios), so a large index must drop them
+#   (``release_every``) and fault them in again: ~6 us a fault, ~470 faults a query over 8
+#   shards of 125M tokens.
+# - read: ``pread`` copies the few bytes a probe needs out of the page cache (~1 us); nothing
+#   is mapped, so resident memory stays flat without releasing anything.
+HAVE_PREAD = hasattr(os, "pread") and os.name == "posix"
+
+
+def _pread_py(fd, buf, at, nbytes, offset):
+    """``_pread`` for interpreted kernels."""
+    return os.preadv(int(fd), [memoryview(buf)[int(at) : int(at) + int(nbytes)]], int(offset))
+
+
+if jit.ENABLED and HAVE_PREAD:
+    from numba import types as _types
+
+    _LIBC_PREAD = _types.ExternalFunction("pread", _types.intp(_types.intc, _types.voidptr, _types.uintp, _types.intp))
+
+    @njit(inline="always", py=_pread_py)
+    def _pread(fd, buf, at, nbytes, offset):
+        """libc's ``pread``: ``nbytes`` of the file at ``offset`` into ``buf[at:]``; bytes read, or -1."""
+        return _LIBC_PREAD(fd, buf.ctypes.data + at, nbytes, offset)
+else:
+
+    @njit(inline="always", py=_pread_py)
+    def _pread(fd, buf, at, nbytes, offset):
+        return -1  # never called: without pread every shard is mapped
+
+
+WINDOW_BYTES = 1 << 15
+"""``buf[:WINDOW_BYTES]`` holds a run of suffix-array rows read at once: a search reads the
+rows left below its cached levels in one call (~1,900 rows of a 125M-token shard after 16
+levels), then takes every row it probes from there; ``buf[WINDOW_BYTES:]`` is the scratch
+of single reads."""
+IO_FIELDS = 6
+"""``io`` per shard: tokens.bin's descriptor, sa.bin's (-1: mapped), short reads, then the
+window's first row, its row count (0: none) and the byte of sa.bin it starts at."""
+
+
+def new_io(fds: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``int64 [shards, IO_FIELDS]`` for shards with these descriptors, no window loaded."""
+    io = np.zeros((len(fds), IO_FIELDS), np.int64)
+    io[:, :2] = np.asarray(fds, np.int64).reshape(-1, 2)
+    return io
+
+
+def _mapped_reads(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(io, buf, win)`` for kernels that read mapped arrays, ``width`` tokens at a time."""
+    return new_io([(-1, -1)])[0], np.zeros(8, np.uint8), np.zeros(max(int(width), 1), np.int64)
+
+
+def read_buffers(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(buf, win)``: the window and scratch for reading up to ``width`` tokens at once (of
+    at most 56 bits)."""
+    width = max(int(width), 1)
+    return np.zeros(WINDOW_BYTES + 7 * width + 16, np.uint8), np.zeros(width, np.int64)
+
+
 # --------------------------------------------------------------------------- numba kernels
 # Lazy block checks: each shard keeps a ``state`` per block of tokens.bin and sa.bin
 # (VERIFIED, or the stamp of the query that last noted it). A kernel that reads bytes of a
@@ -245,11 +335,59 @@ def _touch(state, first_byte, last_byte, shift, pend, stamp, kind):
 
 
 @njit(inline="always")
-def _row(sa, sw, row, ss, shift, pend, stamp):
-    """Suffix-array entry ``row`` (noting its block)."""
+def _row(sa, sw, io, buf, row, ss, shift, pend, stamp):
+    """Suffix-array entry ``row`` (noting its block): from the map, or read from ``sa.bin``."""
     bit = np.int64(row) * sw
     _touch(ss, bit >> 3, (bit + sw - 1) >> 3, shift, pend, stamp, 1)
-    return bits_get(sa, row, sw)
+    if io[1] < 0:
+        return bits_get(sa, row, sw)
+    if io[3] <= row < io[3] + io[4]:  # in the window
+        return bits_at(buf, bit - 8 * io[5], sw)
+    if _pread(io[1], buf, WINDOW_BYTES, 8, bit >> 3) != 8:  # 8 bytes hold any entry; the file's padding holds the last's
+        io[2] += 1
+        return 0
+    return bits_at(buf, 8 * WINDOW_BYTES + (bit & 7), sw)
+
+
+@njit(inline="always")
+def _window(sw, io, buf, lo, hi):
+    """Read rows ``[lo, hi)`` of sa.bin into the window in one call, where they fit and are not
+    there already (mapped shards: nothing to do)."""
+    if io[1] < 0 or hi <= lo or (io[3] <= lo and hi <= io[3] + io[4]):
+        return
+    first = (np.int64(lo) * sw) >> 3
+    nbytes = ((np.int64(hi - 1) * sw) >> 3) - first + 8
+    if nbytes > WINDOW_BYTES:
+        return
+    if _pread(io[1], buf, 0, nbytes, first) != nbytes:
+        io[2] += 1
+        io[4] = 0
+        return
+    io[3], io[4], io[5] = lo, hi - lo, first
+
+
+@njit(inline="always")
+def _load(tok, tw, n, io, buf, win, start, count):
+    """``win[:k]`` = tokens ``start .. start + k - 1`` with ``k = min(count, n - start)``
+    (``win`` holds ``count``: the search's pattern, the top levels' width, the draft depth),
+    from the map or in one read of ``tokens.bin``; returns ``k``."""
+    k = min(count, n - start, win.shape[0])  # callers size win; the bound keeps a mistake inside it
+    if k <= 0:
+        return 0
+    if io[0] < 0:
+        for j in range(k):
+            win[j] = bits_get(tok, start + j, tw)
+        return k
+    bit = np.int64(start) * tw
+    byte = bit >> 3
+    nbytes = ((bit + (k - 1) * tw) >> 3) - byte + 8  # the last token's 8-byte window ends in the file
+    if _pread(io[0], buf, WINDOW_BYTES, nbytes, byte) != nbytes:
+        io[2] += 1
+        return 0
+    shift = 8 * WINDOW_BYTES + (bit & 7)
+    for j in range(k):
+        win[j] = bits_at(buf, shift + j * tw, tw)
+    return k
 
 
 @njit(inline="always")
@@ -261,13 +399,25 @@ def _note_tokens(tok, tw, n, start, count, ts, shift, pend, stamp):
 
 
 @njit()
-def _compare(tok, tw, n, start, pattern, m, ts, shift, pend, stamp):
+def _compare(tok, tw, n, io, buf, win, start, pattern, m, ts, shift, pend, stamp):
     """Order of the suffix at ``start`` against ``pattern[:m]``: -1 below, 0 prefix match, 1 above."""
     _note_tokens(tok, tw, n, start, m, ts, shift, pend, stamp)
+    if io[0] < 0:  # mapped: read only up to the first difference
+        for j in range(m):
+            if start + j >= n:
+                return -1  # the suffix ended first: it sorts below
+            a = bits_get(tok, start + j, tw)
+            b = pattern[j]
+            if a < b:
+                return -1
+            if a > b:
+                return 1
+        return 0
+    k = _load(tok, tw, n, io, buf, win, start, m)
     for j in range(m):
-        if start + j >= n:
-            return -1  # the suffix ended first: it sorts below
-        a = bits_get(tok, start + j, tw)
+        if j >= k:
+            return -1
+        a = win[j]
         b = pattern[j]
         if a < b:
             return -1
@@ -314,17 +464,16 @@ class BlockChecks(NamedTuple):
 
 
 @njit()
-def _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+def _compare_top(tok, tw, sa, sw, n, io, buf, win, pattern, m, mid, h, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
     """``_compare`` of row ``mid`` (heap node ``h``), served from the top levels when cached."""
     if h >= top_ok.shape[0] or m > top_tok.shape[1]:
-        return _compare(tok, tw, n, _row(sa, sw, mid, ss, shift, pend, stamp), pattern, m, ts, shift, pend, stamp)
+        return _compare(tok, tw, n, io, buf, win, _row(sa, sw, io, buf, mid, ss, shift, pend, stamp), pattern, m, ts, shift, pend, stamp)
     if top_ok[h] == 0:
-        start = _row(sa, sw, mid, ss, shift, pend, stamp)
+        start = _row(sa, sw, io, buf, mid, ss, shift, pend, stamp)
         _note_tokens(tok, tw, n, start, top_tok.shape[1], ts, shift, pend, stamp)
-        k = 0
-        while k < top_tok.shape[1] and start + k < n:
-            top_tok[h, k] = bits_get(tok, start + k, tw)
-            k += 1
+        k = _load(tok, tw, n, io, buf, win, start, top_tok.shape[1])
+        for j in range(k):
+            top_tok[h, j] = win[j]
         top_len[h] = k
         top_ok[h] = 1
     length = top_len[h]
@@ -341,7 +490,7 @@ def _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_o
 
 
 @njit()
-def _lower_bound(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+def _lower_bound(tok, tw, sa, sw, n, io, buf, win, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
     """``(first, upper, found)``: the first row not below ``pattern[:m]``, the lowest row seen
     strictly above it (it bounds the upper search), and whether any row starts with it (a
     row compared equal: the rows that match are contiguous, so ``first`` is one of them)."""
@@ -349,8 +498,10 @@ def _lower_bound(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, s
     upper = n
     found = False
     while lo < hi:
+        if h >= top_ok.shape[0] or m > top_tok.shape[1]:  # below the cached levels: the rows left in one read
+            _window(sw, io, buf, lo, hi)
         mid = (lo + hi) // 2
-        order = _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+        order = _compare_top(tok, tw, sa, sw, n, io, buf, win, pattern, m, mid, h, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
         if order < 0:
             lo = mid + 1
             h = 2 * h + 1
@@ -365,20 +516,22 @@ def _lower_bound(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, s
 
 
 @njit()
-def _upper_bound(tok, tw, sa, sw, n, pattern, m, first, upper, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+def _upper_bound(tok, tw, sa, sw, n, io, buf, win, pattern, m, first, upper, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
     """The first row above ``pattern[:m]``, given ``_lower_bound``'s ``first`` and ``upper``:
     the same walk down the heap from the root, so that its first levels are served from the
     top levels too; rows outside ``[first, upper)`` are known without a comparison (below:
     to the right, above: to the left)."""
     lo, hi, h = 0, n, 1
     while lo < hi:
+        if (h >= top_ok.shape[0] or m > top_tok.shape[1]) and first < hi and lo < upper:  # rows it will compare
+            _window(sw, io, buf, max(lo, first), min(hi, upper))
         mid = (lo + hi) // 2
         if mid < first:
             order = -1
         elif mid >= upper:
             order = 1
         else:
-            order = _compare_top(tok, tw, sa, sw, n, pattern, m, mid, h, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+            order = _compare_top(tok, tw, sa, sw, n, io, buf, win, pattern, m, mid, h, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
         if order <= 0:
             lo = mid + 1
             h = 2 * h + 1
@@ -389,11 +542,12 @@ def _upper_bound(tok, tw, sa, sw, n, pattern, m, first, upper, top_tok, top_len,
 
 
 @njit()
-def _sa_range(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
-    first, upper, found = _lower_bound(tok, tw, sa, sw, n, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+def _sa_range(tok, tw, sa, sw, n, io, buf, win, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+    first, upper, found = _lower_bound(tok, tw, sa, sw, n, io, buf, win, pattern, m, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
     if not found:
         return first, first
-    return first, _upper_bound(tok, tw, sa, sw, n, pattern, m, first, upper, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+    return first, _upper_bound(tok, tw, sa, sw, n, io, buf, win, pattern, m, first, upper, top_tok, top_len, top_ok, ts, ss, shift,
+                               pend, stamp)
 
 
 _NO_TOP = TopLevels.empty(0, 1)
@@ -407,35 +561,51 @@ def sa_range(tok, tw, sa, sw, n, pattern, m, top: TopLevels = _NO_TOP, checks: B
     collects the blocks read that are not verified yet.
     """
     c = checks or BlockChecks.none()
-    return _sa_range(tok, tw, sa, sw, n, np.asarray(pattern, np.int64), m, top.tokens, top.length, top.filled,
+    io, buf, win = _mapped_reads(max(m, top.tokens.shape[1]))
+    return _sa_range(tok, tw, sa, sw, n, io, buf, win, np.asarray(pattern, np.int64), m, top.tokens, top.length, top.filled,
                      c.tokens, c.sa, c.shift, c.pend, c.stamp)
 
 
 @njit()
-def _longest_from(tok, tw, sa, sw, n, context, max_m, floor, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp):
+def _longest_from(tok, tw, sa, sw, n, io, buf, win, context, max_m, floor, gallop, top_tok, top_len, top_ok, ts, ss, shift, pend,
+                  stamp):
     """``(m, lo, hi)``: the longest ``m <= max_m`` such that ``context[-m:]`` occurs, with its
     row range, among matches of at least ``floor >= 1`` tokens (``(0, 0, 0)``: none). Lengths
-    are binary searched on the lower bound alone (whether a length occurs); only the
-    longest pays for its upper bound, so a query faults in half the pages."""
+    are searched on the lower bound alone (whether a length occurs); only the longest pays
+    for its upper bound, so a query reads half the rows. With ``gallop``, lengths just above
+    the floor are tried first (``floor + 1``, ``+ 3``, ``+ 7`` ...), then binary searched:
+    for a floor another shard reached, where a longer match is rare, that is one search in
+    the common case instead of ``log2(max_m - floor)``."""
     c = context.shape[0]
     limit = 0
     while limit < min(max_m, c) and context[c - 1 - limit] >= 0:
         limit += 1
     if floor > limit:
         return 0, 0, 0
-    first, upper, found = _lower_bound(tok, tw, sa, sw, n, context[c - floor :], floor, top_tok, top_len, top_ok, ts, ss,
+    first, upper, found = _lower_bound(tok, tw, sa, sw, n, io, buf, win, context[c - floor :], floor, top_tok, top_len, top_ok, ts, ss,
                                        shift, pend, stamp)
     if not found:
         return 0, 0, 0
     lo_m, hi_m = floor, limit
+    step = 1 if gallop else 0
+    while step > 0 and lo_m < hi_m:
+        mid = min(lo_m + step, hi_m)
+        f, u, ok = _lower_bound(tok, tw, sa, sw, n, io, buf, win, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift,
+                                pend, stamp)
+        if not ok:
+            hi_m = mid - 1
+            break
+        lo_m, first, upper = mid, f, u
+        step *= 2
     while lo_m < hi_m:  # occurrence is monotone in m: binary search the longest
         mid = (lo_m + hi_m + 1) // 2
-        f, u, ok = _lower_bound(tok, tw, sa, sw, n, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift, pend, stamp)
+        f, u, ok = _lower_bound(tok, tw, sa, sw, n, io, buf, win, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift,
+                                pend, stamp)
         if ok:
             lo_m, first, upper = mid, f, u
         else:
             hi_m = mid - 1
-    last = _upper_bound(tok, tw, sa, sw, n, context[c - lo_m :], lo_m, first, upper, top_tok, top_len, top_ok, ts, ss, shift,
+    last = _upper_bound(tok, tw, sa, sw, n, io, buf, win, context[c - lo_m :], lo_m, first, upper, top_tok, top_len, top_ok, ts, ss, shift,
                         pend, stamp)
     return lo_m, first, last
 
@@ -447,23 +617,23 @@ def longest_suffix(tok, tw, sa, sw, n, context, max_m, top: TopLevels = _NO_TOP,
     ``(0, 0, 0)`` when not even the last token occurs.
     """
     c = checks or BlockChecks.none()
-    return _longest_from(tok, tw, sa, sw, n, np.asarray(context, np.int64), max_m, 1, top.tokens, top.length, top.filled,
-                         c.tokens, c.sa, c.shift, c.pend, c.stamp)
+    io, buf, win = _mapped_reads(max(max_m, top.tokens.shape[1]))
+    return _longest_from(tok, tw, sa, sw, n, io, buf, win, np.asarray(context, np.int64), max_m, 1, False, top.tokens, top.length,
+                         top.filled, c.tokens, c.sa, c.shift, c.pend, c.stamp)
 
 
 @njit()
-def _gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0, ts, ss, shift, pend, stamp):
+def _gather(tok, tw, sa, sw, n, io, buf, win, lo, hi, m, take, depth, sep, out, row0, ts, ss, shift, pend, stamp):
     count = hi - lo
     if take > count:
         take = count
+    _window(sw, io, buf, lo, hi)  # where the range fits, every row it samples in one read
     for i in range(take):
         row = lo + (i * count) // take
-        pos = _row(sa, sw, row, ss, shift, pend, stamp) + m
+        pos = _row(sa, sw, io, buf, row, ss, shift, pend, stamp) + m
         _note_tokens(tok, tw, n, pos, depth, ts, shift, pend, stamp)
-        for d in range(depth):
-            if pos + d >= n:
-                break
-            t = bits_get(tok, pos + d, tw)
+        for d in range(_load(tok, tw, n, io, buf, win, pos, depth)):
+            t = win[d]
             if t >= sep:  # a separator (or, in a damaged shard, no token at all)
                 break
             out[row0 + i, d] = t
@@ -474,12 +644,13 @@ def gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0, checks: B
     """Write the continuations of ``take`` occurrences, evenly spaced over rows ``[lo, hi)``,
     into ``out[row0 : row0 + take]`` (``-1`` padded, cut at ``sep``); return rows written."""
     c = checks or BlockChecks.none()
-    return _gather(tok, tw, sa, sw, n, lo, hi, m, take, depth, sep, out, row0, c.tokens, c.sa, c.shift, c.pend, c.stamp)
+    io, buf, win = _mapped_reads(depth)
+    return _gather(tok, tw, sa, sw, n, io, buf, win, lo, hi, m, take, depth, sep, out, row0, c.tokens, c.sa, c.shift, c.pend, c.stamp)
 
 
 @njit()
-def _fan_out(toks, sas, vocabs, top_toks, top_lens, top_oks, tstates, sstates, params, tail, max_m, min_m, max_matches, depth,
-             out, pend, stamp):
+def _fan_out(toks, sas, ios, buf, win, vocabs, top_toks, top_lens, top_oks, tstates, sstates, params, tail, max_m, min_m, max_matches,
+             depth, out, pend, stamp):
     """One query over every shard in one compiled call; returns ``(rows written, match length)``.
 
     1. per shard: the context's tail in the shard's own ids (``-1``: a token it never saw),
@@ -490,7 +661,8 @@ def _fan_out(toks, sas, vocabs, top_toks, top_lens, top_oks, tstates, sstates, p
     3. ``max_matches`` occurrences shared out over the shards that match in proportion to
        their counts (at least one each), gathered into ``out`` and mapped back to global ids.
 
-    ``params[i]`` is ``(n, token_bits, sa_bits, sep, block_shift)`` of shard ``i``; ``pend[i]``
+    ``params[i]`` is ``(n, token_bits, sa_bits, sep, block_shift)`` of shard ``i``, ``ios[i]``
+    how it is read (see *reads* above; ``buf`` and ``win`` are the reads' scratch); ``pend[i]``
     collects the blocks it read that are not verified yet. Invariant: every read of shard
     ``i`` stays inside its arrays (see the kernels above), whatever the bytes say.
     """
@@ -504,8 +676,9 @@ def _fan_out(toks, sas, vocabs, top_toks, top_lens, top_oks, tstates, sstates, p
         for j in range(tail.shape[0]):  # global -> local ids (vocab is sorted)
             p = np.searchsorted(vocab, tail[j])
             local[j] = p if p < vocab.shape[0] and vocab[p] == tail[j] else -1
-        m, lo, hi = _longest_from(toks[i], tw, sas[i], sw, n, local, max_m, max(min_m, best), top_toks[i], top_lens[i],
-                                  top_oks[i], tstates[i], sstates[i], shift, pend[i], stamp)
+        ios[i, 4] = 0  # buf's window belongs to one shard at a time
+        m, lo, hi = _longest_from(toks[i], tw, sas[i], sw, n, ios[i], buf, win, local, max_m, max(min_m, best), best > 0,
+                                  top_toks[i], top_lens[i], top_oks[i], tstates[i], sstates[i], shift, pend[i], stamp)
         found[i, 0], found[i, 1], found[i, 2] = m, lo, hi
         best = max(best, m)
     if best < min_m:
@@ -514,6 +687,8 @@ def _fan_out(toks, sas, vocabs, top_toks, top_lens, top_oks, tstates, sstates, p
     for i in range(k):
         if found[i, 0] == best:
             total += found[i, 2] - found[i, 1]
+    if total <= 0:  # only where reads failed (a file cut short): the query refuses the shard
+        return 0, best
     used = 0
     for i in range(k):
         if found[i, 0] != best:
@@ -521,8 +696,9 @@ def _fan_out(toks, sas, vocabs, top_toks, top_lens, top_oks, tstates, sstates, p
         lo, hi = found[i, 1], found[i, 2]
         take = max(1, (max_matches * (hi - lo)) // total)
         start = used
-        used += _gather(toks[i], params[i, 1], sas[i], params[i, 2], params[i, 0], lo, hi, best, take, depth, params[i, 3], out,
-                        used, tstates[i], sstates[i], params[i, 4], pend[i], stamp)
+        ios[i, 4] = 0
+        used += _gather(toks[i], params[i, 1], sas[i], params[i, 2], params[i, 0], ios[i], buf, win, lo, hi, best, take, depth,
+                        params[i, 3], out, used, tstates[i], sstates[i], params[i, 4], pend[i], stamp)
         vocab = vocabs[i]
         for r in range(start, used):  # back to global ids (gather keeps local ids < sep)
             for d in range(depth):
@@ -545,6 +721,7 @@ class FanOut(NamedTuple):
     tokens_state: Sequence
     sa_state: Sequence
     params: np.ndarray  # int64 [shards, 5]: n, token_bits, sa_bits, sep, block_shift
+    io: np.ndarray  # int64 [shards, IO_FIELDS] (see *reads*)
 
     @classmethod
     def of(cls, shards: list[Shard]) -> FanOut:
@@ -569,7 +746,8 @@ class FanOut(NamedTuple):
         return cls(listed(readonly(s.tokens) for s in shards), listed(readonly(s.sa) for s in shards),
                    listed(np.ascontiguousarray(s.vocab, np.int64) for s in shards), listed(s.top.tokens for s in shards),
                    listed(s.top.length for s in shards), listed(s.top.filled for s in shards),
-                   listed(s.tokens_state for s in shards), listed(s.sa_state for s in shards), params)
+                   listed(s.tokens_state for s in shards), listed(s.sa_state for s in shards), params,
+                   new_io([s.fds for s in shards]))
 
 
 # --------------------------------------------------------------------------- the index
@@ -593,6 +771,7 @@ class Shard:
     tokens_state: np.ndarray  # uint32 per block: VERIFIED, or the stamp of a query that read it
     sa_state: np.ndarray
     bad: str | None = None  # why the shard is off (a block failed its checksum)
+    fds: tuple[int, int] = (-1, -1)  # descriptors of tokens.bin and sa.bin when queries pread them
 
     def local(self, ids: np.ndarray) -> np.ndarray:
         """Global ids -> local ids, ``-1`` where the shard never saw the token."""
@@ -625,7 +804,9 @@ class Shard:
             if state[block] == VERIFIED:
                 continue
             lo = block * size
-            if zlib.crc32(data[lo : lo + size]) != int(crcs[block]):
+            fd = self.fds[kind]
+            raw = os.pread(fd, size, lo) if fd >= 0 else data[lo : lo + size]  # pread: nothing gets mapped
+            if zlib.crc32(raw) != int(crcs[block]):
                 self.bad = (f"{self.path / file}: block {block} (bytes {lo:,} to {lo + size:,}) does not match its checksum "
                             f"(corrupted); run `retrospec index verify` or rebuild the index")
                 raise IndexFormatError(self.bad)
@@ -743,7 +924,10 @@ class SuffixIndex:
         self._lock = threading.Lock()  # queries fill the shards' top levels
         self._stamps = itertools.count()
         self._bytes = sum(f["bytes"] for shard in manifest["shards"] for f in shard["files"].values())
+        self.reads = "pread" if shards and all(min(s.fds) >= 0 for s in shards) else "mapped"
         self._fan = FanOut.of(shards)
+        self._top_width = max((s.top.tokens.shape[1] for s in shards), default=1)
+        self._scratch = read_buffers(max(config.max_ngram, config.max_depth, self._top_width))
         self._statm: int | None = None  # /proc/self/statm, opened on the first release_mapped_mb check
         self._mapped_after_release: int | None = None  # statm's count after the last release (once checked)
 
@@ -759,11 +943,17 @@ class SuffixIndex:
         bound = manifest.data["tokenizer"]["vocab_size"]
         if tokenizer is not None:
             bound = min(bound, check_tokenizer(manifest, tokenizer)["vocab_size"])
+        total = sum(f["bytes"] for shard in manifest.data["shards"] for f in shard["files"].values())
+        pread = config.reads == "pread" or (config.reads == "auto" and HAVE_PREAD and total > config.release_above_mb * 2**20)
         shards, maps = [], []
-        for entry in manifest.data["shards"]:
-            shard, mapped = _open_shard(root, entry, bound, config)
-            shards.append(shard)
-            maps.extend(mapped)
+        try:
+            for entry in manifest.data["shards"]:
+                shard, mapped = _open_shard(root, entry, bound, config, pread)
+                shards.append(shard)
+                maps.extend(mapped)
+        except BaseException:
+            _close_shards(shards)
+            raise
         index = cls(root, manifest.data, shards, config)
         index._maps = maps
         return index
@@ -772,6 +962,12 @@ class SuffixIndex:
     def from_stores(cls, model=None, tokenizer=None, store: str | None = None) -> SuffixIndex:
         """The registry's constructor: the index directory ``store``, checked against ``tokenizer``."""
         return cls.open(store, tokenizer=tokenizer)
+
+    def close(self) -> None:
+        """Close the files queries read with ``pread`` (the maps close with the arrays)."""
+        _close_shards(self.shards)
+        self._fan.io[:, :2] = -1
+        self.reads = "mapped"
 
     def release_pages(self) -> None:
         """Drop the mapped pages this process has touched (see ``MappedArray``)."""
@@ -791,7 +987,7 @@ class SuffixIndex:
 
     def _should_release(self) -> bool:
         cfg = self.config
-        if self._bytes <= cfg.release_above_mb * 2**20:
+        if self.reads == "pread" or self._bytes <= cfg.release_above_mb * 2**20:  # pread maps nothing
             return False
         if cfg.release_every and self._queries % cfg.release_every == 0:
             return True
@@ -806,6 +1002,7 @@ class SuffixIndex:
         if getattr(self, "_statm", None) is not None:
             with contextlib.suppress(OSError):
                 os.close(self._statm)
+        _close_shards(getattr(self, "shards", []))
 
     @property
     def n_tokens(self) -> int:
@@ -845,10 +1042,20 @@ class SuffixIndex:
         pend[:, 0] = 0
         stamp = 2 + next(self._stamps) % ((1 << 32) - 2)  # never VERIFIED, never 0
         rows = np.full((cfg.max_matches + len(self.shards), depth), -1, np.int64)
-        with self._lock:  # the kernel fills the shards' top levels
-            used, best = _fan_out(fan.tokens, fan.sa, fan.vocab, fan.top_tokens, fan.top_length, fan.top_filled,
-                                  fan.tokens_state, fan.sa_state, fan.params, tail, cfg.max_ngram, cfg.min_ngram,
-                                  cfg.max_matches, depth, rows, pend, stamp)
+        width = max(cfg.max_ngram, depth, self._top_width)
+        with self._lock:  # the kernel fills the shards' top levels (and uses the one scratch)
+            if self._scratch[1].shape[0] < width:
+                self._scratch = read_buffers(width)
+            buf, win = self._scratch
+            used, best = _fan_out(fan.tokens, fan.sa, fan.io, buf, win, fan.vocab, fan.top_tokens, fan.top_length,
+                                  fan.top_filled, fan.tokens_state, fan.sa_state, fan.params, tail, cfg.max_ngram,
+                                  cfg.min_ngram, cfg.max_matches, depth, rows, pend, stamp)
+            short = np.flatnonzero(fan.io[:, 2]).tolist()
+            fan.io[:, 2] = 0
+        for i in short:
+            self.shards[i].bad = (f"{self.shards[i].path}: tokens.bin or sa.bin is shorter than when the index was opened "
+                                  f"(changed on disk); reopen or rebuild the index")
+            raise IndexFormatError(self.shards[i].bad)
         for i in np.flatnonzero(pend[:, 0]).tolist():  # blocks read for the first time (rare once a process is warm)
             self.shards[i].verify_blocks(pend[i])  # checked before the answer is used
         if used == 0:
@@ -889,8 +1096,9 @@ class SuffixIndexSession:
         """Read-only datastore: nothing to learn."""
 
 
-def _open_shard(root: Path, entry: dict, id_bound: int, config: SuffixConfig) -> tuple[Shard, list]:
-    """Map one validated shard entry; read and check its small files."""
+def _open_shard(root: Path, entry: dict, id_bound: int, config: SuffixConfig, pread: bool = False) -> tuple[Shard, list]:
+    """Map one validated shard entry (with ``pread``, also open its arrays' files for queries
+    to read); read and check its small files."""
     files, name = entry["files"], entry["name"]
     check_files(root, files)
     vocab = read_small_array(root, f"{name}/vocab.bin", files[f"{name}/vocab.bin"])
@@ -907,8 +1115,37 @@ def _open_shard(root: Path, entry: dict, id_bound: int, config: SuffixConfig) ->
                   TopLevels.empty(levels, config.max_ngram), confined(root, name), entry["block_bytes"].bit_length() - 1,
                   crcs["tokens.crc"], crcs["sa.crc"], np.zeros(crcs["tokens.crc"].shape[0], np.uint32),
                   np.zeros(crcs["sa.crc"].shape[0], np.uint32))
-    _spot_check(shard.path, shard)
-    return shard, [m for m in mapped.values() if hasattr(m, "release")]
+    if pread:
+        shard.fds = _open_fds(root, name)
+    try:
+        _spot_check(shard.path, shard)
+    except BaseException:
+        _close_shards([shard])
+        raise
+    maps = [m for m in mapped.values() if hasattr(m, "release")]
+    if pread:  # the spot check's pages: a pread index keeps nothing mapped (a fault maps up to a 2 MB folio)
+        for m in maps:
+            m.release()
+    return shard, maps
+
+
+def _open_fds(root: Path, name: str) -> tuple[int, int]:
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    tokens = os.open(confined(root, f"{name}/tokens.bin"), flags)
+    try:
+        return tokens, os.open(confined(root, f"{name}/sa.bin"), flags)
+    except BaseException:
+        os.close(tokens)
+        raise
+
+
+def _close_shards(shards: Sequence[Shard]) -> None:
+    for shard in shards:
+        fds, shard.fds = shard.fds, (-1, -1)
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _spot_check(path: Path, shard: Shard, samples: int = 16) -> None:
