@@ -16,7 +16,6 @@ criterion itself.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import weakref
@@ -33,6 +32,7 @@ from retrospec.compat import pad_token_id as compat_pad
 from retrospec.drafting.speculator import Speculator
 from retrospec.loop import DecodeSettings, Request, decode
 from retrospec.stats import SpecStats
+from retrospec.verify.attention import tree_attention
 from retrospec.verify.verifiers import VerifierConfig
 
 log = logging.getLogger(__name__)
@@ -166,21 +166,6 @@ def generate_many(
     return [new[b, : out.lengths[b]].tolist() for b in range(len(rows))], out.stats
 
 
-@contextlib.contextmanager
-def _tree_attention(model):
-    """Flash attention cannot take a tree mask: switch to sdpa for the call, then back."""
-    current = getattr(model.config, "_attn_implementation", None)
-    if isinstance(current, str) and "flash" in current:
-        log.info("retrospec: attention %s cannot take a tree mask; using sdpa for this call", current)
-        model.set_attn_implementation("sdpa")
-        try:
-            yield
-        finally:
-            model.set_attn_implementation(current)
-    else:
-        yield
-
-
 def _check_config(model, generation_config) -> None:
     if model.config.is_encoder_decoder:
         raise ValueError("retrospec speculates for decoder-only models; this model is encoder-decoder")
@@ -292,7 +277,7 @@ def custom_generate(
 
         progress = tqdm(total=batch, desc="retrospec", unit="prompt")
     try:
-        with _tree_attention(model):
+        with tree_attention(model):
             results, total = decode(model, requests, speculator, settings, retrospec_verifier or VerifierConfig(),
                                     batch_size=retrospec_batch_size, progress=progress)
     finally:

@@ -10,11 +10,13 @@ from helpers import spec
 import retrospec
 
 
-def test_flash_attention_is_switched_to_sdpa_for_the_call(caplog):
-    from retrospec.hooks import _tree_attention
+@pytest.mark.parametrize(("before", "during"), [("flash_attention_2", "retrospec_sdpa"), ("sdpa", "retrospec_sdpa"),
+                                                  ("eager", "eager")])
+def test_attention_is_switched_for_the_call_and_back(caplog, before, during):
+    from retrospec.verify.attention import tree_attention
 
     class Config:
-        _attn_implementation = "flash_attention_2"
+        _attn_implementation = before
 
     class Model:
         config = Config()
@@ -27,10 +29,37 @@ def test_flash_attention_is_switched_to_sdpa_for_the_call(caplog):
             self.config._attn_implementation = name
 
     model = Model()
-    with caplog.at_level("INFO"), _tree_attention(model):
-        assert model.config._attn_implementation == "sdpa"
-    assert model.calls == ["sdpa", "flash_attention_2"]
-    assert "sdpa" in caplog.text
+    with caplog.at_level("INFO"), tree_attention(model):
+        assert model.config._attn_implementation == during
+    assert model.config._attn_implementation == before
+    assert model.calls == ([] if before == during else [during, before])
+    assert ("cannot take a tree mask" in caplog.text) == before.startswith("flash")
+
+
+@pytest.mark.parametrize(("batch", "mask_batch", "heads", "kv_heads", "queries"),
+                         [(4, 4, 9, 3, 5), (2, 1, 4, 2, 9), (1, 1, 8, 1, 17), (3, 3, 4, 4, 6), (2, 2, 6, 3, 1)])
+def test_packed_tree_attention_equals_sdpa_bit_for_bit(batch, mask_batch, heads, kv_heads, queries):
+    """Many queries a row, grouped heads packed instead of repeated: transformers' sdpa's
+    output exactly, for tree masks (each query sees a subset of the tree and masked cache
+    positions), broadcast masks, one key-value head, no groups and one query (passed through)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from retrospec.verify.attention import packed_sdpa
+
+    class Module:
+        num_key_value_groups = heads // kv_heads
+
+    g = torch.Generator().manual_seed(heads * 100 + queries)
+    cache = 37
+    q = torch.randn(batch, heads, queries, 16, generator=g)
+    k, v = (torch.randn(batch, kv_heads, cache + queries, 16, generator=g) for _ in range(2))
+    sees = torch.rand(mask_batch, 1, queries, cache + queries, generator=g) < 0.7
+    sees[..., cache:] &= torch.ones(queries, queries, dtype=torch.bool).tril()  # a tree sees a subset of its ancestors
+    sees[..., 0] = True  # every query sees something
+    mask = torch.zeros(sees.shape).masked_fill(~sees, float("-inf"))
+    want, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](Module(), q, k, v, mask, scaling=0.25)
+    got, _ = packed_sdpa(Module(), q, k, v, mask, scaling=0.25)
+    assert got.shape == (batch, queries, heads, 16) and torch.equal(got, want)
 
 
 def test_bad_requests_get_clear_errors():

@@ -39,6 +39,7 @@ from retrospec.datastores.files import write_atomic
 from retrospec.drafting.budget import LiveCost, StepCost
 from retrospec.paths import cache_dir
 from retrospec.tree import DraftTree
+from retrospec.verify.attention import tree_attention, tree_attention_name
 from retrospec.verify.cache import RowCache
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def fingerprint(model, batch: int = 1) -> str:
             "device": str(param.device),
             "device_name": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(),
-            "attn": str(getattr(model.config, "_attn_implementation", "")),
+            "attn": str(tree_attention_name(getattr(model.config, "_attn_implementation", ""))),  # what steps run with
             "torch": torch.__version__,
             "batch": batch,
             "layout": 2,  # the RowCache verifier's forwards
@@ -91,8 +92,14 @@ def measure_step_cost(model, *, batch: int = 1, sizes: tuple[int, ...] = DEFAULT
     (chains: the mask's shape does not change the cost) behind ``context`` cached tokens.
 
     Takes the fastest of ``repeats`` runs: interference from other processes only ever
-    adds time. The result says whether the machine looked busy meanwhile.
+    adds time. The result says whether the machine looked busy meanwhile. The forwards run
+    with the attention tree steps run with (:func:`~retrospec.verify.attention.tree_attention`).
     """
+    with tree_attention(model):
+        return _measure(model, batch, sizes, context, repeats)
+
+
+def _measure(model, batch: int, sizes: tuple[int, ...], context: int, repeats: int) -> StepCost:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     vocab = model.config.get_text_config(decoder=True).vocab_size
