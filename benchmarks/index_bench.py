@@ -39,7 +39,7 @@ import numpy as np
 
 from retrospec.datastores.corpus import Document
 from retrospec.datastores.suffix_build import BuildOptions, write_index
-from retrospec.datastores.suffix_index import SuffixConfig, SuffixIndex
+from retrospec.datastores.suffix_index import READS, SuffixConfig, SuffixIndex
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SPECBENCH = SHARED / "bench" / "specbench" / "question.jsonl"
@@ -463,7 +463,7 @@ def main() -> None:
     p.add_argument("--contexts", required=True)
     p.add_argument("--release-every", type=int, default=64)
     p.add_argument("--release-mapped-mb", type=int, default=0)
-    p.add_argument("--reads", choices=["auto", "mapped", "pread"], default="mapped")
+    p.add_argument("--reads", choices=READS, default="mapped")
     p.set_defaults(func=cmd_probe)
     args = parser.parse_args()
     args.func(args)

@@ -253,7 +253,7 @@ def block_crcs(data: np.ndarray, block_bytes: int) -> np.ndarray:
 #   time (~200 KB per fault on ext4 with large folios), so a large index must drop them
 #   (``release_every``) and fault them in again: ~6 us a fault, ~470 faults a query over 8
 #   shards of 125M tokens.
-# - read: ``pread`` copies the few bytes a probe needs out of the page cache (~1 us); nothing
+# - pread: ``pread`` copies the few bytes a probe needs out of the page cache (~1 us); nothing
 #   is mapped, so resident memory stays flat without releasing anything.
 HAVE_PREAD = hasattr(os, "pread") and os.name == "posix"
 
@@ -413,11 +413,17 @@ def _compare(tok, tw, n, io, buf, win, start, pattern, m, ts, shift, pend, stamp
             if a > b:
                 return 1
         return 0
-    k = _load(tok, tw, n, io, buf, win, start, m)
+    return _order(win, _load(tok, tw, n, io, buf, win, start, m), pattern, m)
+
+
+@njit(inline="always")
+def _order(values, k, pattern, m):
+    """``_compare``'s order for a suffix whose first ``k`` tokens are ``values[:k]`` (``k < m``:
+    the suffix ends there)."""
     for j in range(m):
         if j >= k:
-            return -1
-        a = win[j]
+            return -1  # the suffix ended first: it sorts below
+        a = values[j]
         b = pattern[j]
         if a < b:
             return -1
@@ -476,17 +482,7 @@ def _compare_top(tok, tw, sa, sw, n, io, buf, win, pattern, m, mid, h, top_tok, 
             top_tok[h, j] = win[j]
         top_len[h] = k
         top_ok[h] = 1
-    length = top_len[h]
-    for j in range(m):
-        if j >= length:
-            return -1  # the suffix ended first: it sorts below
-        a = top_tok[h, j]
-        b = pattern[j]
-        if a < b:
-            return -1
-        if a > b:
-            return 1
-    return 0
+    return _order(top_tok[h], top_len[h], pattern, m)
 
 
 @njit()
@@ -587,24 +583,17 @@ def _longest_from(tok, tw, sa, sw, n, io, buf, win, context, max_m, floor, gallo
     if not found:
         return 0, 0, 0
     lo_m, hi_m = floor, limit
-    step = 1 if gallop else 0
-    while step > 0 and lo_m < hi_m:
-        mid = min(lo_m + step, hi_m)
-        f, u, ok = _lower_bound(tok, tw, sa, sw, n, io, buf, win, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift,
-                                pend, stamp)
-        if not ok:
-            hi_m = mid - 1
-            break
-        lo_m, first, upper = mid, f, u
-        step *= 2
-    while lo_m < hi_m:  # occurrence is monotone in m: binary search the longest
-        mid = (lo_m + hi_m + 1) // 2
+    step = 1 if gallop else 0  # galloping until the first length that does not occur
+    while lo_m < hi_m:  # occurrence is monotone in m: the longest lies in [lo_m, hi_m]
+        mid = min(lo_m + step, hi_m) if step else (lo_m + hi_m + 1) // 2
         f, u, ok = _lower_bound(tok, tw, sa, sw, n, io, buf, win, context[c - mid :], mid, top_tok, top_len, top_ok, ts, ss, shift,
                                 pend, stamp)
         if ok:
             lo_m, first, upper = mid, f, u
+            step *= 2
         else:
             hi_m = mid - 1
+            step = 0
     last = _upper_bound(tok, tw, sa, sw, n, io, buf, win, context[c - lo_m :], lo_m, first, upper, top_tok, top_len, top_ok, ts, ss, shift,
                         pend, stamp)
     return lo_m, first, last
@@ -923,8 +912,7 @@ class SuffixIndex:
         self._queries = 0
         self._lock = threading.Lock()  # queries fill the shards' top levels
         self._stamps = itertools.count()
-        self._bytes = sum(f["bytes"] for shard in manifest["shards"] for f in shard["files"].values())
-        self.reads = "pread" if shards and all(min(s.fds) >= 0 for s in shards) else "mapped"
+        self._bytes = _index_bytes(manifest)
         self._fan = FanOut.of(shards)
         self._top_width = max((s.top.tokens.shape[1] for s in shards), default=1)
         self._scratch = read_buffers(max(config.max_ngram, config.max_depth, self._top_width))
@@ -943,8 +931,8 @@ class SuffixIndex:
         bound = manifest.data["tokenizer"]["vocab_size"]
         if tokenizer is not None:
             bound = min(bound, check_tokenizer(manifest, tokenizer)["vocab_size"])
-        total = sum(f["bytes"] for shard in manifest.data["shards"] for f in shard["files"].values())
-        pread = config.reads == "pread" or (config.reads == "auto" and HAVE_PREAD and total > config.release_above_mb * 2**20)
+        big = _index_bytes(manifest.data) > config.release_above_mb * 2**20
+        pread = config.reads == "pread" or (config.reads == "auto" and HAVE_PREAD and big)
         shards, maps = [], []
         try:
             for entry in manifest.data["shards"]:
@@ -967,7 +955,11 @@ class SuffixIndex:
         """Close the files queries read with ``pread`` (the maps close with the arrays)."""
         _close_shards(self.shards)
         self._fan.io[:, :2] = -1
-        self.reads = "mapped"
+
+    @property
+    def reads(self) -> str:
+        """``"pread"`` while every shard is read with descriptors, else ``"mapped"``."""
+        return "pread" if self.shards and all(min(s.fds) >= 0 for s in self.shards) else "mapped"
 
     def release_pages(self) -> None:
         """Drop the mapped pages this process has touched (see ``MappedArray``)."""
@@ -1127,6 +1119,11 @@ def _open_shard(root: Path, entry: dict, id_bound: int, config: SuffixConfig, pr
         for m in maps:
             m.release()
     return shard, maps
+
+
+def _index_bytes(manifest: dict) -> int:
+    """Bytes of every shard file a validated manifest lists."""
+    return sum(f["bytes"] for shard in manifest["shards"] for f in shard["files"].values())
 
 
 def _open_fds(root: Path, name: str) -> tuple[int, int]:
