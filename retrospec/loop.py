@@ -185,6 +185,10 @@ class _Clock:
         self.last = now
         return seconds
 
+    def resume(self) -> None:
+        """Start timing this clock's next phase now (what ran since its last lap was not its own)."""
+        self.last = time.perf_counter()
+
     def end_step(self) -> float:
         seconds = self.last - self.step_start
         if self.profile:
@@ -201,28 +205,41 @@ class Result(NamedTuple):
     stats: SpecStats
 
 
-class Decoder:
-    """Decodes a list of requests, at most ``batch`` at once (see the module docstring).
+class Work:
+    """The requests of one call, shared by the decoders that serve it: the queue they refill
+    their rows from, the results, the progress bar."""
 
-    Use :func:`decode`; this class only holds the state one call shares between its steps.
-    """
-
-    def __init__(self, model, speculator: Speculator, settings: DecodeSettings, config: VerifierConfig,
-                 requests: Sequence[Request], batch: int, refresh_cost: bool = False, progress=None, verifier=None, cost=None):
-        self.model, self.spec, self.settings, self.config = model, speculator, settings, config
-        self.device = next(model.parameters()).device
+    def __init__(self, requests: Sequence[Request], settings: DecodeSettings, progress=None):
         self.queue = deque(enumerate(requests))
         self.results: list[Result | None] = [None] * len(requests)
         self.progress = progress
+        longest = max(r.shown.shape[0] - r.start for r in requests)
+        self.length = longest + (settings.max_new_tokens if settings.max_new_tokens is not None else 4096)
+        """Longest sequence a row may reach (its real tokens)."""
+
+
+class Decoder:
+    """Decodes requests from a :class:`Work`, at most ``batch`` at once (see the module docstring).
+
+    Use :func:`decode`; this class only holds the state one call shares between its steps.
+    A step is :meth:`launch` (draft, then queue the verification) and :meth:`land` (wait for
+    it, accept, commit): two decoders over one work interleave them (:func:`decode`'s pipeline).
+    """
+
+    def __init__(self, model, speculator: Speculator, settings: DecodeSettings, config: VerifierConfig,
+                 work: Work, batch: int, refresh_cost: bool = False, verifier=None, cost=None, pipelined: bool = False):
+        self.model, self.spec, self.settings, self.config = model, speculator, settings, config
+        self.device = next(model.parameters()).device
+        self.work, self.queue = work, work.queue
         self.greedy = settings.logits_processor is None and not settings.do_sample
         self.topk = speculator.topk_wanted
         self.cap = speculator.max_nodes
-        longest = max(r.shown.shape[0] - r.start for r in requests)
-        self.length = longest + (settings.max_new_tokens if settings.max_new_tokens is not None else 4096)
+        self.length = work.length
         self.batch_stats = SpecStats()
         self.clock = _Clock(self.batch_stats, self.device, config.profile)
+        self.pipelined = pipelined
         self.verifier = verifier if verifier is not None else make_verifier(
-            model, config, settings.windows, min(batch, len(requests)), self.length, self.cap, self.topk)
+            model, config, settings.windows, min(batch, len(work.results)), self.length, self.cap, self.topk)
         self.cost = cost if cost is not None else self._cost_model(refresh_cost)
         self.rows: list[Row | None] = [None] * self.verifier.batch
         self.plain_streak, self.plain_left = 0, 0
@@ -230,8 +247,9 @@ class Decoder:
         self.draft_costs: deque[float] = deque(maxlen=DRAFT_SAMPLES)  # host seconds of the latest looks
         # on an asynchronous device the sources' updates run while it computes the next
         # forward (their drafts lag one step); not when profiling, which times them apart
-        self.overlap = self.device.type == "cuda" and not config.profile
+        self.overlap = (self.device.type == "cuda" or pipelined) and not config.profile
         self.observing: list[tuple[object, list, Verified]] = []
+        self.inflight: tuple | None = None  # a launched step: (out, past) until it lands
 
     def _cost_model(self, refresh: bool) -> LiveCost | None:
         if self.spec.budget != AUTO:
@@ -280,13 +298,14 @@ class Decoder:
     def _collect(self) -> bool:
         """Record the results of rows that finished; whether there were any."""
         found = False
+        results = self.work.results
         for row in self.rows:
-            if row is not None and row.done and self.results[row.index] is None:
-                self.results[row.index] = Result(row.new_tokens, row.stats)
+            if row is not None and row.done and results[row.index] is None:
+                results[row.index] = Result(row.new_tokens, row.stats)
                 row.session.finish(row.context())  # sources that learn across requests take it whole
                 found = True
-                if self.progress is not None:
-                    self.progress.update(1)
+                if self.work.progress is not None:
+                    self.work.progress.update(1)
         return found
 
     def finish(self) -> None:
@@ -360,7 +379,17 @@ class Decoder:
         costs = self.draft_costs
         return len(costs) > DRAFT_SAMPLES // 2 and float(np.median(costs)) > PAUSE_SHARE * plain_step
 
+    def live(self) -> bool:
+        return any(r is not None and not r.done for r in self.rows)
+
     def step(self) -> None:
+        self.launch()
+        self.land()
+
+    def launch(self) -> None:
+        """Steps 1-4: draft, budget, prune, and queue the verification of every row."""
+        if self.pipelined:
+            self.clock.resume()  # the other decoder's work since this one's last lap is not ours
         settings, rows = self.settings, self.rows
         live = [r for r in rows if r is not None and not r.done]
         # 1) draft, no deeper than each row's remaining length and the model's positions
@@ -396,6 +425,16 @@ class Decoder:
         out = self.verifier.verify(batch_trees, roots, past, width, predict=self.greedy, topk=self.topk)
         if self.overlap:
             self._observe()
+        self.inflight = (out, past)
+        if self.pipelined:
+            self.clock.lap("launch")
+
+    def land(self) -> None:
+        """Steps 5-9 of the launched step: wait for it, accept, commit, keep, update, refill."""
+        settings, rows = self.settings, self.rows
+        (out, past), self.inflight = self.inflight, None
+        if self.pipelined:
+            self.clock.resume()
         preds, top = out.host()  # the one device-to-host copy of the step
         self.clock.lap("forward")
         # 5) accept: the greedy walk of every plain row in one kernel call, the rest row by row
@@ -460,20 +499,37 @@ class Decoder:
             session.observe(step, draft)
         self.observing.clear()
 
-    def run(self) -> tuple[list[Result], SpecStats]:
-        try:
-            self.admit()
-            self.clock.step_start = self.clock.last
-            self.finish()
-            while any(r is not None and not r.done for r in self.rows):
-                self.step()
-            self._observe()
-        finally:
-            release_verifier(self.model, self.verifier)
-        total = self.batch_stats
-        for result in self.results:
-            total = total.merge(result.stats)
-        return list(self.results), total
+    def start(self) -> None:
+        """Fill the rows from the queue (one prefill forward)."""
+        self.admit()
+        self.clock.step_start = self.clock.last
+        self.finish()
+
+    def run(self) -> None:
+        self.start()
+        while self.live():
+            self.step()
+        self._observe()
+
+
+def _pipeline(decoders: list[Decoder]) -> None:
+    """Steps of two decoders interleaved: while the device verifies one's batch, the host
+    lands the other's last step and drafts its next one (their forwards queue back to back,
+    each waited for by its own event). Rows refill from the shared queue; a decoder whose
+    rows are all done leaves, and the other goes on alone."""
+    for d in decoders:
+        d.start()
+    active = [d for d in decoders if d.live()]
+    for d in active:
+        d.launch()
+    while active:
+        for d in list(active):
+            d.land()
+            if d.live():
+                d.launch()
+            else:
+                d._observe()
+                active.remove(d)
 
 
 @torch.no_grad()
@@ -491,4 +547,24 @@ def decode(model, requests: Sequence[Request], speculator: Speculator, settings:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if settings.streamer is not None and batch > 1:
         raise ValueError(f"streaming needs batch size 1, got {batch}")
-    return Decoder(model, speculator, settings, config, requests, batch, refresh_cost, progress, verifier, cost).run()
+    work = Work(requests, settings, progress)
+    rows = min(batch, len(requests))
+    halves = [(rows + 1) // 2, rows // 2] if verifier is None and config.pipelined(model, rows) else [rows]
+    decoders: list[Decoder] = []
+    try:
+        for half in halves:
+            decoders.append(Decoder(model, speculator, settings, config, work, half, refresh_cost, verifier, cost,
+                                    pipelined=len(halves) > 1))
+        if len(decoders) > 1:
+            _pipeline(decoders)
+        else:
+            decoders[0].run()
+    finally:
+        for d in decoders:
+            release_verifier(model, d.verifier)
+    total = SpecStats()
+    for d in decoders:
+        total = total.merge(d.batch_stats)
+    for result in work.results:
+        total = total.merge(result.stats)
+    return list(work.results), total

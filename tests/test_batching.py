@@ -117,6 +117,40 @@ def test_more_prompts_than_rows_refill_finished_rows(batch_size):
         assert out.stats.prefills == len(prompts)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_two_pipelined_halves_equal_each_row_alone(arch, mode):
+    """``pipeline=True``: the batch runs as two halves whose steps interleave, refilled from
+    one queue (more prompts than rows), with EOS ending some rows early; every row still
+    equals plain generate() of it alone, in order, and each half shares its forwards."""
+    model = tiny_model(arch)
+    prompts = [repetitive_prompt(96, n, seed + 30) for seed, n in enumerate(LENGTHS * 2)]
+    full = alone(model, prompts, max_new_tokens=24)
+    eos = full[2][9]
+    refs = alone(model, prompts, max_new_tokens=24, eos_token_id=eos)
+    assert any(len(r) < 24 for r in refs) and any(len(r) == 24 for r in refs)
+    ids, mask = left_padded(prompts)
+    speculator = retrospec.Speculator([retrospec.ContextSource(), retrospec.TokenRecycling.for_model(model)], budget=8)
+    out = retrospec.generate(model, ids, attention_mask=mask, speculator=speculator, batch_size=6, do_sample=False,
+                             verifier=retrospec.VerifierConfig(mode=mode, pipeline=True), pad_token_id=0,
+                             max_new_tokens=24, eos_token_id=eos)
+    assert rows_of(out, ids.shape[1]) == refs
+    assert out.stats.prefills == len(prompts)
+    assert "launch" in out.stats.seconds  # the pipelined path ran
+    serial = retrospec.generate(model, ids, attention_mask=mask, speculator=speculator, batch_size=6, do_sample=False,
+                                verifier=retrospec.VerifierConfig(mode=mode, pipeline=False), pad_token_id=0,
+                                max_new_tokens=24, eos_token_id=eos)
+    assert "launch" not in serial.stats.seconds
+    assert rows_of(serial, ids.shape[1]) == refs
+
+
+def test_the_pipeline_is_on_only_where_it_can_overlap():
+    config, model = retrospec.VerifierConfig(), tiny_model("llama")
+    assert not config.pipelined(model, 64)  # a CPU computes while the host waits: nothing to hide
+    assert retrospec.VerifierConfig(pipeline=True).pipelined(model, 2)
+    assert not retrospec.VerifierConfig(pipeline=True).pipelined(model, 1)
+
+
 def test_generate_many_keeps_the_order_and_each_output():
     model = tiny_model("llama")
     prompts = [repetitive_prompt(96, n, seed + 9)[0].tolist() for seed, n in enumerate(LENGTHS * 2)]

@@ -1,6 +1,7 @@
 """GPU smoke test of the verifiers: every mode, one row and a batch, against plain greedy.
 
-Run on the GPU machine (after setup.sh): ``python3 benchmarks/gpu/smoke.py [MODEL_DIR]``.
+Run on the GPU machine (after setup.sh): ``python3 benchmarks/gpu/smoke.py [MODEL_DIR]``
+(``--pipeline MODEL_DIR``: only the pipelined batch of the real model against the serial one).
 Prints, per verifier mode and batch size, how many rows equal plain ``generate()`` of that
 row alone (fp32), the MAT, and the time per step; and how long building a static verifier
 (graph capture, compile) took.
@@ -85,7 +86,39 @@ def check(model, prompts, pad, modes, sources, max_new, budget="auto"):
                   f"{per_step:.2f} ms/step after the first call ({build:.1f} s, builds included)", flush=True)
 
 
+def pipelined(path: str, rows: int = 16, max_new: int = 64) -> None:
+    """fp32, ``rows`` prompts in one batch, graph mode: the two pipelined halves (their
+    results waited for by events, not by a device-wide copy) against the serial batch, each
+    row against plain ``generate()`` of it alone."""
+    model, tok = retrospec.load_model(path, "float32", device=DEVICE)
+    pad = pad_token_id(tok)
+    records = load_prompts(".device/bench/question.jsonl", per_category=3)[:rows]
+    prompts = [render(tok, [{"role": "user", "content": r.turns[0]}])[0].tolist() for r in records]
+    refs = []
+    for p in prompts:
+        ids = torch.tensor([p]).to(DEVICE)
+        refs.append(model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
+                                   pad_token_id=pad)[0, len(p) :].tolist())
+    ids, mask = padded(prompts, pad)
+    for pipeline in (True, False, True):  # the first call builds (captures) the verifiers
+        spec = retrospec.Speculator([retrospec.ContextSource(), retrospec.TokenRecycling.for_model(model)], budget="auto")
+        sync()
+        start = time.perf_counter()
+        config = retrospec.VerifierConfig(mode="graph" if DEVICE == "cuda" else "static", pipeline=pipeline)
+        out = retrospec.generate(model, ids, attention_mask=mask, speculator=spec, do_sample=False, max_new_tokens=max_new,
+                                 pad_token_id=pad, verifier=config)
+        sync()
+        took = time.perf_counter() - start
+        w = ids.shape[1]
+        same = sum(out.sequences[b, w : w + out.lengths[b]].tolist() == refs[b] for b in range(len(prompts)))
+        print(f"pipeline={pipeline}: identical {same}/{len(prompts)}, MAT {out.stats.new_tokens / max(out.stats.steps, 1):.2f}, "
+              f"{out.stats.forwards} forwards, {took:.2f} s", flush=True)
+
+
 def main() -> None:
+    if "--pipeline" in sys.argv:
+        sys.argv.remove("--pipeline")
+        return pipelined(sys.argv[1])
     if "--real-only" in sys.argv:
         sys.argv.remove("--real-only")
         return real(sys.argv[1])

@@ -324,6 +324,9 @@ def write_batch_outputs(doc: dict, options, model) -> None:
     log.info("bench: wrote %s/batch.md", out)
 
 
+_PIPELINE = {None: "auto (two halves on GPUs from 16 rows)", True: "on (two halves)", False: "off"}
+
+
 def batch_markdown(doc: dict, options, model) -> str:
     device = next(model.parameters()).device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -336,6 +339,8 @@ def batch_markdown(doc: dict, options, model) -> str:
         f"- {doc['prompts']} prompts (first turns of `{options.data}`), max {doc['max_new_tokens']} new tokens, device {device} ({name}), "
         f"torch {torch.__version__}",
         f"- identical = outputs equal to `{doc['reference']}`'s at the same batch size; MAT = tokens per row per step",
+        f"- pipeline {_PIPELINE[getattr(options, 'pipeline', None)]}; host and device ms come from a profiled run, "
+        "which is never pipelined (its device is synchronised around each forward)",
         "",
         "| batch | method | tok/s | "
         + " | ".join(f"vs {p}" for p in plain)

@@ -193,6 +193,8 @@ class BenchOptions:
     """Measure the step cost again instead of reading the cached one."""
     slots: int = 64
     """Tree nodes per step of the static verifiers with ``budget="auto"``."""
+    pipeline: bool | None = None
+    """``VerifierConfig.pipeline``: batches as two pipelined halves (``None``: on GPUs from 16 rows)."""
     limit: int | None = None
     """Keep only the first this many prompts (after ``per_category``)."""
     batch_sizes: tuple[int, ...] = ()
@@ -264,7 +266,7 @@ def _pld(name, model, tokenizer, options):
 
 
 def _verifier(options: BenchOptions) -> VerifierConfig:
-    return VerifierConfig(mode=options.verify, profile=options.profile, slots=options.slots)
+    return VerifierConfig(mode=options.verify, profile=options.profile, slots=options.slots, pipeline=options.pipeline)
 
 
 def _stores(options: BenchOptions):

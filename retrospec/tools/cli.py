@@ -64,7 +64,13 @@ def _stores(args):
 def _verifier(args):
     from retrospec.verify.verifiers import VerifierConfig
 
-    return VerifierConfig(mode=getattr(args, "verify", "auto"), slots=getattr(args, "slots", 64))
+    return VerifierConfig(mode=getattr(args, "verify", "auto"), slots=getattr(args, "slots", 64),
+                          pipeline=PIPELINE_CHOICES[getattr(args, "pipeline", "auto")])
+
+
+PIPELINE_CHOICES = {"auto": None, "on": True, "off": False}
+PIPELINE_HELP = ("verify the batch as two halves in turn, drafting one while the device verifies the other "
+                 "(auto: on GPUs from 16 rows; default: %(default)s)")
 
 
 def cmd_generate(args) -> int:
@@ -216,6 +222,7 @@ def cmd_bench(args) -> int:
         verify=args.verify,
         profile=args.profile,
         slots=args.slots,
+        pipeline=PIPELINE_CHOICES[args.pipeline],
         remeasure=args.remeasure,
         limit=args.limit,
         batch_sizes=tuple(int(b) for b in (args.batch_size or "").split(",") if b),
@@ -377,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "dynamic", "static", "graph", "compile"],
         help="the verifier (default: graph on GPUs, dynamic on CPUs)",
     )
+    p.add_argument("--pipeline", default="auto", choices=list(PIPELINE_CHOICES), help=PIPELINE_HELP)
     p.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--stream", action="store_true", help="print tokens as they are committed")
@@ -423,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="tree nodes per step of the static/graph/compile verifiers when the budget is auto (default 64)",
     )
+    p.add_argument("--pipeline", default="auto", choices=list(PIPELINE_CHOICES), help=PIPELINE_HELP)
     p.add_argument("--profile", action="store_true",
                    help="report per-step host and device time, the device synchronised around each verification "
                         "(with --batch-size, in one more run of the first chunk: the timed runs stay unprofiled)")

@@ -43,6 +43,10 @@ COMPILED_ROWS, COMPILED_SLOTS = 2, 2
 """The fewest rows and slots of a compiled step: dynamo specialises sizes 0 and 1, so a
 batch of one or a plain (1-slot) step would each be a compile of its own (minutes on a
 GPU) instead of sharing the one dynamic compile. The extra row or slot is padding."""
+PIPELINE_ROWS = 16
+"""The smallest batch that ``pipeline=None`` splits in two (on CUDA): below it drafting
+costs the host less than a forward costs the device, so a second, half-sized forward per
+step would cost more than the overlap saves."""
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SLOT_OPTIONS = ((2, (None,)), (8, (32,)), (32, (0, 16)), (1 << 30, (0, 8)))
 """Tree sizes a static verifier captures by batch size: ``(most rows, sizes)``, ``None`` =
@@ -70,12 +74,25 @@ class VerifierConfig:
     profile: bool = False
     """Synchronise the device around each verification and record per-step host and device
     times in ``SpecStats`` (for measurements; it costs a little speed on GPUs)."""
+    pipeline: bool | None = None
+    """Split the batch in two halves with a cache each and verify them in turn, drafting one
+    half while the device verifies the other, so that the host's drafting hides behind the
+    device's forwards. ``None``: on CUDA for batches of at least :data:`PIPELINE_ROWS` rows,
+    never when profiling (a synchronised step cannot overlap)."""
 
     def __post_init__(self) -> None:
         if self.mode not in VERIFY_MODES:
             raise ValueError(f"verify mode must be one of {VERIFY_MODES}, got {self.mode!r}")
         if self.slots < 0 or any(s < 0 for s in self.slot_options or ()):
             raise ValueError(f"slots and slot_options must be >= 0, got {self.slots}, {self.slot_options}")
+
+    def pipelined(self, model, rows: int) -> bool:
+        """Whether a batch of ``rows`` live rows runs as two pipelined halves (see ``pipeline``)."""
+        if rows < 2:
+            return False
+        if self.pipeline is not None:
+            return self.pipeline
+        return not self.profile and _device(model).type == "cuda" and rows >= PIPELINE_ROWS
 
     def resolved(self, model, windows: dict[str, int | None]) -> str:
         """The concrete mode for ``model``: ``auto`` resolved, static kinds only where every
@@ -401,9 +418,20 @@ class _Graph:
                                                       ((v.batch,), np.int64), ((v.batch,), np.int64)]))
         self.host_t = [torch.from_numpy(a) for a in (self.host.input_ids, self.host.positions, self.host.sees)]
         self.out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self.result: torch.Tensor | None = None  # pinned: the last step's argmax and top-k
         self.graph = None
         self.fn = compiled_step() if v.compile else verify_step
         self.args = (self.ids, self.pos, self.sees, v.past, v.move_src, v.move_dst)
+
+    def copy_back(self, both: torch.Tensor) -> torch.cuda.Event:
+        """Queue the copy of the step's argmax and top-k to pinned host memory (``result``,
+        overwritten by this shape's next step); the event that marks it done."""
+        if self.result is None or self.result.shape != both.shape:
+            self.result = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        self.result.copy_(both, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def prepare(self) -> None:
         """Each row's slots write right behind its committed tokens."""
@@ -522,11 +550,20 @@ class StaticVerifier(_Base):
         if moved:
             self.move_src.fill_(self.cache.scratch)
             self.move_dst.fill_(self.cache.scratch)
+        if not (predict or topk):
+            return StepOutput(layout, logits, fetch=lambda: (None, None))
+        both = torch.cat([preds[..., None], top], dim=-1) if top is not None else preds[..., None]
+        if self.pin:  # queue the copy behind the forward; wait for this step's work only, not
+            done = step.copy_back(both)  # for another verifier's forward queued after it
+        else:
+            result = both.cpu().numpy()
+            done = None
+
         def fetch():
-            if not (predict or topk):
-                return None, None
-            both = (torch.cat([preds[..., None], top], dim=-1) if top is not None else preds[..., None]).cpu().numpy()
-            return both[..., 0] if predict else None, both[..., 1 : 1 + topk] if topk else None
+            if done is not None:
+                done.synchronize()
+            arr = step.result.numpy() if done is not None else result
+            return arr[..., 0] if predict else None, arr[..., 1 : 1 + topk] if topk else None
 
         return StepOutput(layout, logits, fetch=fetch)
 
