@@ -282,7 +282,8 @@ class Decoder:
         if not new:
             return
         slots = [self.rows.index(r) for r in new]
-        logits = self.verifier.prefill([r.context() for r in new], slots)
+        alone = all(r is None or r.done or r in new for r in self.rows)  # no live row beside the new ones
+        logits = self.verifier.prefill([r.context() for r in new], slots, alone=alone)
         for i, row in enumerate(new):
             context = row.context()
             last = logits[i : i + 1]
@@ -501,6 +502,8 @@ class Decoder:
 
     def start(self) -> None:
         """Fill the rows from the queue (one prefill forward)."""
+        if self.pipelined:
+            self.clock.resume()  # not the other decoder's start
         self.admit()
         self.clock.step_start = self.clock.last
         self.finish()

@@ -48,7 +48,7 @@ class ScriptedVerifier:
         self.kept: list = []
         self.dropped: list = []
 
-    def prefill(self, prompts, rows):
+    def prefill(self, prompts, rows, alone=False):
         return onehot(np.array([p[-1] for p in prompts]))
 
     def verify(self, trees, roots, past, nodes, predict=True, topk=0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import repetitive_prompt, tiny_model
-from helpers import spec
+from helpers import plain, spec
 
 import retrospec
 
@@ -151,3 +151,39 @@ def test_one_dynamic_compile_serves_every_static_shape():
     assert graphs == [1, 1, 1, 1], graphs
     with pytest.raises(ValueError, match="at least 2 rows"):
         StaticVerifier(model, {"full_attention": None}, 1, 64, (4,), compile=True)
+
+
+def test_a_prefill_as_chained_graph_steps_equals_the_eager_one():
+    """Prompts longer than one step (and one row left free) read as chained steps of the
+    widest slot count give the eager prefill's logits and the same cached keys; a batch
+    decoded after such a prefill equals plain generate() row by row."""
+    import numpy as np
+
+    from retrospec.loop import DecodeSettings, Request, decode
+    from retrospec.verify.verifiers import StaticVerifier, VerifierConfig
+
+    model = tiny_model("llama")
+    prompts = [repetitive_prompt(96, n, seed + 40)[0].numpy() for seed, n in enumerate((23, 9, 40))]
+    caches, logits = [], []
+    with torch.no_grad():
+        for mode in ("eager", "chunked"):
+            v = StaticVerifier(model, {"full_attention": None}, 4, 128, (8,))
+            v.prefill_mode = mode
+            logits.append(v.prefill(prompts, [0, 1, 3], alone=True))
+            caches.append(v.cache)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    for eager, chunked in zip(caches[0].layers, caches[1].layers):
+        for row, prompt in zip([0, 1, 3], prompts):
+            torch.testing.assert_close(chunked.keys[row, :, : len(prompt)], eager.keys[row, :, : len(prompt)], rtol=1e-4, atol=1e-4)
+    # a prompt that would reach the null rows' region is read eagerly, whatever the mode
+    v = StaticVerifier(model, {"full_attention": None}, 4, 128, (8,))
+    v.prefill_mode = "chunked"
+    assert v._chunked(prompts) and not v._chunked([np.zeros(120, np.int64)])  # 120 + 9 slots + 1 > 128
+
+    refs = [plain(model, torch.as_tensor(p)[None], max_new_tokens=20)[0, len(p) :].tolist() for p in prompts]
+    v = StaticVerifier(model, {"full_attention": None}, 4, 128, (8,))
+    v.prefill_mode = "chunked"
+    settings = DecodeSettings(None, None, frozenset(), False, 20, {"full_attention": None}, None)
+    results, _ = decode(model, [Request(p) for p in prompts], retrospec.Speculator(budget=8), settings, VerifierConfig(mode="static"),
+                        verifier=v)
+    assert [r.tokens for r in results] == refs

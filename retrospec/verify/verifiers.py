@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -155,8 +156,9 @@ class Verifier(Protocol):
     node_options: tuple[int, ...] | None
     """Tree sizes it can verify (``None``: any)."""
 
-    def prefill(self, prompts: Sequence[np.ndarray], rows: Sequence[int]) -> torch.Tensor:
-        """Read ``prompts`` into cache ``rows``; the logits ``[len(rows), V]`` after each."""
+    def prefill(self, prompts: Sequence[np.ndarray], rows: Sequence[int], alone: bool = False) -> torch.Tensor:
+        """Read ``prompts`` into cache ``rows``; the logits ``[len(rows), V]`` after each.
+        ``alone``: no other cache row holds a live request (their caches may be overwritten)."""
         ...
 
     def verify(self, trees: Sequence[DraftTree], roots: Sequence[int], past: np.ndarray, nodes: int, predict: bool = True,
@@ -287,7 +289,7 @@ class _Base:
             self.cache.move(src, dst)
             self.pending = None
 
-    def prefill(self, prompts: Sequence[np.ndarray], rows: Sequence[int]) -> torch.Tensor:
+    def prefill(self, prompts: Sequence[np.ndarray], rows: Sequence[int], alone: bool = False) -> torch.Tensor:
         """Read ``prompts`` into cache ``rows``; the logits ``[len(rows), V]`` after each.
         Prompts of very different lengths are read in groups of similar length
         (:func:`prefill_groups`), so that a short prompt does not pay for a long one's padding."""
@@ -504,6 +506,82 @@ class StaticVerifier(_Base):
     def _move_width(self, width: int) -> int:
         return self.smax
 
+    # -- prefill ---------------------------------------------------------------------
+    prefill_mode = "auto"
+    """``auto``: a prefill of rows that have the cache to themselves runs as chained steps of
+    the widest captured graph where that costs less than the eager forward (as last measured;
+    graphs only); ``chunked`` or ``eager``: always that way (tests)."""
+    eager_prefill_s: float | None = None
+    """Seconds of this verifier's last eager prefill, synchronised (its logits are read at once)."""
+
+    def prefill(self, prompts: Sequence[np.ndarray], rows: Sequence[int], alone: bool = False) -> torch.Tensor:
+        if alone and self._chunked(prompts):
+            self._flush()
+            return self._chunked_prefill(prompts, rows)
+        start = time.perf_counter()
+        out = super().prefill(prompts, rows)
+        if self.pin:
+            torch.cuda.synchronize(self.device)
+        self.eager_prefill_s = time.perf_counter() - start
+        return out
+
+    def _chunked(self, prompts: Sequence[np.ndarray]) -> bool:
+        """Whether to read ``prompts`` as chained graph steps (see ``prefill_mode``)."""
+        slots = self.steps[self.node_options[-1]].slots
+        longest = max(int(p.shape[0]) for p in prompts)
+        if longest + slots + 1 > self.capacity:  # the null rows' writes would reach real tokens
+            return False
+        if self.prefill_mode != "auto":
+            return self.prefill_mode == "chunked"
+        cost = getattr(self, "step_cost", None)
+        if not self.graph or cost is None or self.eager_prefill_s is None:
+            return False
+        return -(-longest // slots) * cost.seconds[-1] < self.eager_prefill_s
+
+    def _chunked_prefill(self, prompts: Sequence[np.ndarray], rows: Sequence[int]) -> torch.Tensor:
+        """Each prompt as a chain of tree steps of the widest captured graph: chunk ``c`` of a
+        row holds its tokens ``c*S .. c*S + S - 1`` over its cache of the earlier chunks. A
+        row with nothing left to read (its prompt done, or a free row) is a null row whose
+        writes land in the last ``S`` indices before the scratch, which nothing live uses:
+        the caller vouches that no other row holds a live request (``alone``)."""
+        step = self.steps[self.node_options[-1]]
+        slots, host = step.slots, step.host
+        tail = self.capacity - slots - 1
+        lengths = [int(p.shape[0]) for p in prompts]
+        chain = np.tril(np.ones((slots, slots), np.bool_))
+        alone_ = np.eye(slots, dtype=np.bool_)
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        copied = None
+        for lo in range(0, max(lengths), slots):
+            if copied is not None:
+                copied.synchronize()  # the last chunk's uploads have left the pinned buffers
+            past = np.full(self.batch, tail, np.int64)
+            host.input_ids[:] = 0
+            host.positions[:] = 0
+            host.sees[:] = alone_
+            ends = []
+            for i, (prompt, row) in enumerate(zip(prompts, rows)):
+                k = min(slots, lengths[i] - lo)
+                if k <= 0:
+                    continue
+                host.input_ids[row, :k] = prompt[lo : lo + k]
+                host.positions[row, :k] = lo + np.arange(k)
+                host.positions[row, k:] = lo + k - 1
+                host.sees[row, :k, :k] = chain[:k, :k]
+                past[row] = lo
+                if lo + k == lengths[i]:
+                    ends.append((i, row, k - 1))
+            for dev, src in zip((step.ids, step.pos, step.sees), step.host_t):
+                dev.copy_(src, non_blocking=True)
+            self.past.copy_(torch.from_numpy(past), non_blocking=True)
+            if self.pin:
+                copied = torch.cuda.Event()
+                copied.record()
+            logits, _, _ = step.run()
+            for i, row, slot in ends:
+                out[i] = logits[row, slot].clone()
+        return torch.stack(out)
+
     def warm(self) -> None:
         """Build every step now (capture its graph, compile it) and time each one — the
         prior of the budget's cost model — on the empty cache, before any request: a step
@@ -643,8 +721,11 @@ def make_verifier(model, config: VerifierConfig, windows: dict[str, int | None],
     graph = mode in ("graph", "compile")
 
     def build() -> StaticVerifier:
+        start = time.perf_counter()
         verifier = StaticVerifier(model, windows, batch, capacity, options, graph=graph, compile=mode == "compile", topk=topk)
         verifier.warm()
+        log.info("retrospec: built a %s verifier of %d rows x %s nodes (cache %d) in %.2f s",
+                 mode, batch, options, capacity, time.perf_counter() - start)
         return verifier
 
     return VerifierPool.for_model(model).acquire((mode, batch, capacity, options, topk), build)
