@@ -93,6 +93,39 @@ class DecodeSettings:
     """Gets each committed block of a batch of one."""
 
 
+TRUST_PRIOR = 2.0
+"""Drafts of pseudo-evidence that a row's calibration is right, before its own steps count."""
+TRUST_DECAY = 0.9
+"""Per speculating step, how much of a row's earlier evidence is kept (recent steps count most)."""
+
+
+@dataclass
+class RowTrust:
+    """How far one request's accepted drafts follow what its calibrated scores promised.
+
+    The calibrator learns across requests, so a request whose drafts are worse (or better)
+    than the others' gets its scores scaled by ``accepted / expected`` over its own recent
+    steps before the budget sizes its tree: a chat that rarely matches its sources stops
+    paying for trees that earlier, more repetitive requests earned.
+
+    >>> t = RowTrust()
+    >>> for _ in range(10): t.update(expected=2.0, accepted=0.5)
+    >>> round(t.factor, 2)
+    0.35
+    """
+
+    accepted: float = 0.0
+    expected: float = 0.0
+
+    def update(self, expected: float, accepted: float) -> None:
+        self.accepted = TRUST_DECAY * self.accepted + accepted
+        self.expected = TRUST_DECAY * self.expected + expected
+
+    @property
+    def factor(self) -> float:
+        return (self.accepted + TRUST_PRIOR) / (self.expected + TRUST_PRIOR)
+
+
 @dataclass(eq=False)
 class Row:
     """One request being decoded: its token buffer, drafting session, stop rule and stats."""
@@ -110,6 +143,9 @@ class Row:
     past: int = 0
     """Tokens of the row in the KV cache (its sequence minus the padding and the root)."""
     done: bool = False
+    trust: RowTrust = field(default_factory=lambda: RowTrust())
+    expected: float = 0.0
+    """Drafts the budget expected the row to accept in the step under way."""
 
     @classmethod
     def open(cls, index: int, request: Request, session, max_new_tokens: int | None) -> Row:
@@ -353,7 +389,8 @@ class Decoder:
         elif self.plain_left > 0:
             return 0
         else:
-            scores = [p.best_first[:c] if p is not None else np.zeros(0) for p, c in zip(proposals, caps)]
+            promised = [p.best_first[:c] if p is not None else np.zeros(0) for p, c in zip(proposals, caps)]
+            scores = [np.minimum(s * row.trust.factor, 1.0) for row, s in zip(live, promised)]
             allowed = options if options is not None else range(top + 1)  # rows cap their own trees
             batch = self._cost_batch()
             # with requests queued, every token counts (finished rows are refilled); without,
@@ -364,6 +401,8 @@ class Decoder:
             self.explore = (self.explore + 1) % EXPLORE_EVERY if nodes > 0 else self.explore
             if nodes > 0 and self.explore == 0 and 0 in allowed and self.cost.stale(1, batch):
                 return 0  # measure a plain step now and then
+            for row, row_scores in zip(live, promised):
+                row.expected = float(row_scores[:nodes].sum())
             self.draft_costs.append(draft_seconds)
             if nodes == 0 and self._drafting_dear(self.cost(1, batch)):  # plain decoding pays: pause drafting
                 self.plain_streak = min(max(2 * self.plain_streak, 1), MAX_PLAIN_STREAK)
@@ -470,6 +509,9 @@ class Decoder:
             self._stream(row, acc.tokens[:kept])
             drafts = min(kept, acc.slots.shape[0] - 1)  # a stop may cut before the bonus
             row.stats.count_step(kept, size - 1, drafts, *row.session.attribution(acc.slots[: 1 + drafts]))
+            if row.expected > 0 and size > 1:
+                row.trust.update(row.expected, acc.slots.shape[0] - 1)
+            row.expected = 0.0
             if not row.done:
                 accepted[b] = acc.slots
             self.observing.append((row.session, row.session.last_draft(), Verified(
@@ -552,7 +594,10 @@ def decode(model, requests: Sequence[Request], speculator: Speculator, settings:
         raise ValueError(f"streaming needs batch size 1, got {batch}")
     work = Work(requests, settings, progress)
     rows = min(batch, len(requests))
-    halves = [(rows + 1) // 2, rows // 2] if verifier is None and config.pipelined(model, rows) else [rows]
+    # two pipelined halves hide drafting behind the forwards; without drafting (no tree
+    # nodes) they would only double the forwards
+    pipelined = verifier is None and speculator.max_nodes > 0 and config.pipelined(model, rows)
+    halves = [(rows + 1) // 2, rows // 2] if pipelined else [rows]
     decoders: list[Decoder] = []
     try:
         for half in halves:

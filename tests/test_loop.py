@@ -185,3 +185,22 @@ def test_the_budget_measures_a_plain_step_it_only_knows_from_the_prior():
     assert plain and plain[0] == EXPLORE_EVERY - 1, widths  # the first look, after 8 speculating steps
     assert all(w == 3 for w in widths[: EXPLORE_EVERY - 1]), widths
     assert not flat.stale(1, 1)
+
+
+def test_a_request_whose_drafts_fail_stops_paying_for_trees_its_scores_promise():
+    """Scores that promise 1.7 tokens a step (calibration off, so nothing else corrects
+    them) and drafts that never match: after a few failed steps the row's own record
+    (``RowTrust``) shrinks its tree to nothing, where the promise alone would keep it."""
+    from retrospec.drafting.speculator import SpeculatorConfig
+
+    class Fixed(LiveCost):  # the prior only: the scripted steps' measured times say nothing
+        def observe(self, slots, batch, seconds):
+            pass
+
+    cost = Fixed({1: StepCost(sizes=(1, 2, 3), seconds=(1.0, 1.3, 1.6))})  # 2 nodes pay if 0.6+ of them are accepted
+    source = FixedTreeSource(DraftTree.from_paths([[9, 9]], [[0.9, 0.8]]))  # never what the model says, but after 8
+    speculator = retrospec.Speculator([source], budget="auto", config=SpeculatorConfig(calibrate=False))
+    results, _stats, verifier = run([Request(np.array([1, 2]))], speculator, max_new_tokens=12, cost=cost)
+    assert results[0].tokens == [(3 + i) % 10 for i in range(12)]
+    wide = [f.input_ids.shape[1] > 1 for f in verifier.forwards]
+    assert wide[:2] == [True, True] and not any(wide[4:]), wide
