@@ -15,6 +15,11 @@ One step, for all live rows at once::
 Each request is a :class:`Row` — its one token buffer, its drafting session, its stopping
 rule and statistics; the verifier owns the KV cache (see :mod:`retrospec.verify`). A batch
 of one is the same loop with one row.
+
+A step is :meth:`Decoder.launch` (1-4: the forward is queued, not waited for) and
+:meth:`Decoder.land` (5-9). With ``VerifierConfig.pipeline`` (on CUDA from 16 rows) the
+batch is two decoders over one queue, each with its own cache, whose launches and landings
+interleave: the host drafts one half while the device verifies the other.
 """
 
 from __future__ import annotations
@@ -143,7 +148,7 @@ class Row:
     past: int = 0
     """Tokens of the row in the KV cache (its sequence minus the padding and the root)."""
     done: bool = False
-    trust: RowTrust = field(default_factory=lambda: RowTrust())
+    trust: RowTrust = field(default_factory=RowTrust)
     expected: float = 0.0
     """Drafts the budget expected the row to accept in the step under way."""
 

@@ -47,7 +47,8 @@ GPU) instead of sharing the one dynamic compile. The extra row or slot is paddin
 PIPELINE_ROWS = 16
 """The smallest batch that ``pipeline=None`` splits in two (on CUDA): below it drafting
 costs the host less than a forward costs the device, so a second, half-sized forward per
-step would cost more than the overlap saves."""
+step costs about what the overlap saves (H200, SmolLM2-135M: +30% at 16 rows, +41% at 64,
+nothing at 4; ``benchmarks/gpu/README.md``)."""
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SLOT_OPTIONS = ((2, (None,)), (8, (32,)), (32, (0, 16)), (1 << 30, (0, 8)))
 """Tree sizes a static verifier captures by batch size: ``(most rows, sizes)``, ``None`` =
