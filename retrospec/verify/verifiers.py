@@ -436,6 +436,13 @@ class _Graph:
         event.record()
         return event
 
+    def upload(self, past) -> None:
+        """Queue the copies of the host tables (``host``) and each row's cache length to the
+        step's device inputs; the pinned tables must not change until the copies have run."""
+        for dev, host in zip((self.ids, self.pos, self.sees), self.host_t):
+            dev.copy_(host, non_blocking=True)
+        self.v.past.copy_(torch.from_numpy(np.asarray(past, np.int64)), non_blocking=True)
+
     def prepare(self) -> None:
         """Each row's slots write right behind its committed tokens."""
         v = self.v
@@ -572,9 +579,7 @@ class StaticVerifier(_Base):
                 past[row] = lo
                 if lo + k == lengths[i]:
                     ends.append((i, row, k - 1))
-            for dev, src in zip((step.ids, step.pos, step.sees), step.host_t):
-                dev.copy_(src, non_blocking=True)
-            self.past.copy_(torch.from_numpy(past), non_blocking=True)
+            step.upload(past)
             if self.pin:
                 copied = torch.cuda.Event()
                 copied.record()
@@ -622,9 +627,7 @@ class StaticVerifier(_Base):
             moved = True
         else:
             moved = False
-        for dev, host in zip((step.ids, step.pos, step.sees), step.host_t):
-            dev.copy_(host, non_blocking=True)
-        self.past.copy_(torch.from_numpy(np.asarray(past, np.int64)), non_blocking=True)
+        step.upload(past)
         logits, preds, top = step.run()
         if moved:
             self.move_src.fill_(self.cache.scratch)
