@@ -275,12 +275,11 @@ class Decoder:
         self.greedy = settings.logits_processor is None and not settings.do_sample
         self.topk = speculator.topk_wanted
         self.cap = speculator.max_nodes
-        self.length = work.length
         self.batch_stats = SpecStats()
         self.clock = _Clock(self.batch_stats, self.device, config.profile)
         self.pipelined = pipelined
         self.verifier = verifier if verifier is not None else make_verifier(
-            model, config, settings.windows, min(batch, len(work.results)), self.length, self.cap, self.topk)
+            model, config, settings.windows, min(batch, len(work.results)), work.length, self.cap, self.topk)
         self.cost = cost if cost is not None else self._cost_model(refresh_cost)
         self.rows: list[Row | None] = [None] * self.verifier.batch
         self.plain_streak, self.plain_left = 0, 0
@@ -368,7 +367,7 @@ class Decoder:
 
     def _migrate(self, live: list[int]) -> None:
         old = self.verifier
-        new = make_verifier(self.model, self.config, self.settings.windows, len(live), self.length, self.cap, self.topk)
+        new = make_verifier(self.model, self.config, self.settings.windows, len(live), self.work.length, self.cap, self.topk)
         if new.capacity != old.capacity:  # a different cache bucket: keep the old verifier
             release_verifier(self.model, new)
             return
