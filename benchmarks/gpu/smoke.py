@@ -48,7 +48,8 @@ def padded(prompts, pad):
     return ids.to(DEVICE), mask.to(DEVICE)
 
 
-def check(model, prompts, pad, modes, sources, max_new, budget="auto"):
+def references(model, prompts, pad, max_new) -> list[list[int]]:
+    """Plain greedy ``generate()`` of each prompt alone: its new tokens."""
     refs = []
     for p in prompts:
         ids = torch.tensor([p]).to(DEVICE)
@@ -57,6 +58,11 @@ def check(model, prompts, pad, modes, sources, max_new, budget="auto"):
                 0, len(p) :
             ].tolist()
         )
+    return refs
+
+
+def check(model, prompts, pad, modes, sources, max_new, budget="auto"):
+    refs = references(model, prompts, pad, max_new)
     for mode in modes:
         for batch in (1, len(prompts)):
             spec = retrospec.Speculator(sources(), budget=budget)
@@ -94,11 +100,7 @@ def pipelined(path: str, rows: int = 16, max_new: int = 64) -> None:
     pad = pad_token_id(tok)
     records = load_prompts(".device/bench/question.jsonl", per_category=3)[:rows]
     prompts = [render(tok, [{"role": "user", "content": r.turns[0]}])[0].tolist() for r in records]
-    refs = []
-    for p in prompts:
-        ids = torch.tensor([p]).to(DEVICE)
-        refs.append(model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
-                                   pad_token_id=pad)[0, len(p) :].tolist())
+    refs = references(model, prompts, pad, max_new)
     ids, mask = padded(prompts, pad)
     for pipeline in (True, False, True):  # the first call builds (captures) the verifiers
         spec = retrospec.Speculator([retrospec.ContextSource(), retrospec.TokenRecycling.for_model(model)], budget="auto")
